@@ -1,0 +1,53 @@
+# diffalign developer entry points. `make demo` and `make test` work on a fresh clone: they create .venv
+# (torch==2.13.0 first, so no CUDA build is pulled, then every package editable plus dev tools).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+TORCH_SPEC ?= torch==2.13.0
+PACKAGES := core listener-reward selma di-star mlcm ecad
+DEV_TOOLS := pytest>=8 pytest-timeout ruff build twine hatchling
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: install demo test test-fast lint format wheels check-wheels bench clean
+
+$(VENV)/.installed: $(wildcard packages/*/pyproject.toml) Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet $(foreach p,$(PACKAGES),-e packages/$(p)) $(DEV_TOOLS)
+	@touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) tools/demo.py --out demo-out
+
+test: install
+	$(PY) -m pytest -q --timeout 900
+
+lint: install
+	$(VENV)/bin/ruff check packages tests tools ci
+	$(VENV)/bin/ruff format --check packages tests tools ci
+
+format: install
+	$(VENV)/bin/ruff check --fix packages tests tools ci
+	$(VENV)/bin/ruff format packages tests tools ci
+
+wheels: install
+	rm -rf dist && mkdir -p dist
+	for p in $(PACKAGES); do $(PY) -m build --wheel --no-isolation --outdir dist packages/$$p >/dev/null || exit 1; done
+	$(VENV)/bin/twine check --strict dist/*.whl
+	@ls dist
+
+check-wheels: wheels
+	bash ci/check_wheels.sh dist
+
+bench: install
+	$(PY) tools/bench.py
+
+clean:
+	rm -rf dist build demo-out runs .pytest_cache

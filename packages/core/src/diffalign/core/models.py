@@ -1,0 +1,217 @@
+"""Load pipelines, denoisers and VLMs from hub ids, local directories or the built-in shapes world.
+
+Every loader accepts a hub id (``stabilityai/stable-diffusion-xl-base-1.0``), a local directory, or a
+shapes-world id (``shapes/unet``, ``shapes/dit``). Hub ids are looked up, in order, under
+``$DIFFALIGN_MODEL_ROOT/<org>/<name>`` and in the Hugging Face cache; with ``HF_HUB_OFFLINE=1`` nothing
+is downloaded and a missing model raises ``ModelNotFoundError`` naming the id and how to supply it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "ArchitectureSpec",
+    "ARCHITECTURES",
+    "ModelNotFoundError",
+    "resolve_model_path",
+    "load_pipeline",
+    "load_unet",
+    "load_transformer",
+    "load_denoiser",
+    "load_vae",
+    "load_vlm",
+    "SHAPES_IDS",
+]
+
+SHAPES_IDS = ("shapes/unet", "shapes/dit")
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """What a recipe needs to know about a model family."""
+
+    name: str
+    pipeline_class: str
+    denoiser: str  # "unet" or "transformer" (the pipeline attribute holding the trained network)
+    default_id: str
+    prediction_type: str
+    kind: str = "t2i"  # "t2i" or "vlm"
+    native_resolution: int = 512
+
+
+ARCHITECTURES: dict[str, ArchitectureSpec] = {
+    spec.name: spec
+    for spec in (
+        ArchitectureSpec("sd14", "StableDiffusionPipeline", "unet", "CompVis/stable-diffusion-v1-4", "epsilon"),
+        ArchitectureSpec(
+            "sd15", "StableDiffusionPipeline", "unet", "stable-diffusion-v1-5/stable-diffusion-v1-5", "epsilon"
+        ),
+        ArchitectureSpec(
+            "sd2", "StableDiffusionPipeline", "unet", "stabilityai/stable-diffusion-2-1", "v_prediction", native_resolution=768
+        ),
+        ArchitectureSpec(
+            "sdxl", "StableDiffusionXLPipeline", "unet", "stabilityai/stable-diffusion-xl-base-1.0", "epsilon",
+            native_resolution=1024,
+        ),
+        ArchitectureSpec(
+            "pixart-alpha", "PixArtAlphaPipeline", "transformer", "PixArt-alpha/PixArt-XL-2-1024-MS", "epsilon",
+            native_resolution=1024,
+        ),
+        ArchitectureSpec(
+            "pixart-sigma", "PixArtSigmaPipeline", "transformer", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", "epsilon",
+            native_resolution=1024,
+        ),
+        ArchitectureSpec(
+            "flux", "FluxPipeline", "transformer", "black-forest-labs/FLUX.1-dev", "flow", native_resolution=1024
+        ),
+        ArchitectureSpec("shapes-unet", "StableDiffusionPipeline", "unet", "shapes/unet", "v_prediction", native_resolution=32),
+        ArchitectureSpec(
+            "shapes-dit", "PixArtAlphaPipeline", "transformer", "shapes/dit", "v_prediction", native_resolution=32
+        ),
+        ArchitectureSpec(
+            "qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration", "model", "Qwen/Qwen2.5-VL-7B-Instruct", "none", kind="vlm"
+        ),
+    )
+}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model id or path could not be found locally (and downloading is off or failed)."""
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def resolve_model_path(source: str | os.PathLike) -> Path:
+    """Map a hub id, local directory or shapes id to a local directory, or raise ``ModelNotFoundError``."""
+    text = str(source)
+    if text in SHAPES_IDS:
+        try:
+            from diffalign.core.shapes import model_path
+        except ImportError as err:  # pragma: no cover - shapes ships with core
+            raise ModelNotFoundError(f"{text}: the shapes world is not importable ({err})") from err
+        path = Path(model_path(text.split("/", 1)[1]))
+        if not (path / "model_index.json").exists():
+            raise ModelNotFoundError(
+                f"{text}: the shapes teacher is not built at {path}. Run `diffalign world build` to build it."
+            )
+        return path
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelNotFoundError(f"{text} is a file; expected a model directory (diffusers or transformers layout)")
+        return path
+    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise ModelNotFoundError(f"model directory not found: {text}")
+    root = os.environ.get("DIFFALIGN_MODEL_ROOT")
+    if root and (Path(root) / text).is_dir():
+        return Path(root) / text
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(text, local_files_only=_offline()))
+    except Exception as err:
+        raise ModelNotFoundError(
+            f"model {text!r} is not available locally ({type(err).__name__}). To use it offline, download it on "
+            f"a machine with internet (`hf download {text} --local-dir DIR`) and pass DIR instead of the id, or "
+            f"place it at $DIFFALIGN_MODEL_ROOT/{text}, or pre-fill the Hugging Face cache."
+        ) from None
+
+
+def _to(module: Any, dtype: torch.dtype | None, device: str | torch.device | None) -> Any:
+    if device is not None:
+        module = module.to(device)
+    if dtype is not None:
+        module = module.to(dtype=dtype)
+    return module
+
+
+def load_pipeline(
+    source: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    pipeline_class: Any = None,
+    **kwargs: Any,
+):
+    """Load a diffusers pipeline; progress bar off, safety checker kept as the folder defines it."""
+    from diffusers import DiffusionPipeline
+
+    path = resolve_model_path(source)
+    cls = pipeline_class or DiffusionPipeline
+    if dtype is not None:
+        kwargs.setdefault("torch_dtype", dtype)
+    pipe = cls.from_pretrained(path, **kwargs)
+    if device is not None:
+        pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _load_component(source, subfolder, cls, dtype, device):
+    path = resolve_model_path(source)
+    sub = path / subfolder if subfolder and (path / subfolder).is_dir() else path
+    if not (sub / "config.json").exists():
+        raise ModelNotFoundError(f"{source}: no {subfolder or 'model'} config.json under {path}")
+    model = cls.from_pretrained(sub)
+    return _to(model, dtype, device)
+
+
+def load_unet(source, dtype=None, device=None, subfolder: str = "unet"):
+    from diffusers import UNet2DConditionModel
+
+    return _load_component(source, subfolder, UNet2DConditionModel, dtype, device)
+
+
+def load_transformer(source, dtype=None, device=None, subfolder: str = "transformer"):
+    import json
+
+    import diffusers
+
+    path = resolve_model_path(source)
+    config_file = path / subfolder / "config.json" if (path / subfolder).is_dir() else path / "config.json"
+    if not config_file.exists():
+        raise ModelNotFoundError(f"{source}: no transformer config.json under {path}")
+    class_name = json.loads(config_file.read_text())["_class_name"]
+    cls = getattr(diffusers, class_name)
+    return _load_component(source, subfolder, cls, dtype, device)
+
+
+def load_denoiser(source, dtype=None, device=None):
+    """The pipeline's trained network: ``unet/`` if present, else ``transformer/``."""
+    path = resolve_model_path(source)
+    if (path / "unet").is_dir():
+        return load_unet(source, dtype, device)
+    return load_transformer(source, dtype, device)
+
+
+def load_vae(source, dtype=None, device=None, subfolder: str = "vae"):
+    from diffusers import AutoencoderKL
+
+    return _load_component(source, subfolder, AutoencoderKL, dtype, device)
+
+
+def load_vlm(
+    source: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load an image-text-to-text model and its processor (Qwen2.5-VL and friends)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = resolve_model_path(source)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if device is not None:
+        model = model.to(device)
+    return model, processor
