@@ -328,7 +328,7 @@ def load_into_pipeline(pipe, adapter_or_path, adapter_name: str = "default") -> 
 def check_fits(denoiser: torch.nn.Module, adapter: LoraAdapter) -> None:
     """Raise a clear error if any adapter module is missing from the denoiser or has another shape."""
     modules = dict(denoiser.named_modules())
-    for name, (a, b) in adapter.layers.items():
+    for name in adapter.layers:
         mod = modules.get(name)
         if mod is None:
             raise AdapterError(
