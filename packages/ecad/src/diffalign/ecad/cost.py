@@ -53,7 +53,9 @@ class CostModel:
                 f"cost model is for {self.architecture} {self.group_sizes}, schedule {schedule.name!r} is for "
                 f"{schedule.architecture} {schedule.group_sizes}"
             )
-        return schedule_flops(schedule.effective(), self.component_flops, self.overhead_flops, self.calls_per_step)
+        return schedule_flops(
+            schedule.effective(), self.component_flops, self.overhead_flops, self.calls_per_step
+        )
 
     def no_cache_flops(self, num_steps: int) -> float:
         return float(self.calls_per_step * num_steps * (self.overhead_flops + self.component_flops.sum()))

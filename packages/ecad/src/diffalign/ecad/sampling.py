@@ -27,7 +27,9 @@ def _class_labels(pipe, prompts: Sequence[str]) -> list[int]:
         elif getattr(pipe, "labels", None):
             labels.extend(pipe.get_label_ids([p]))
         else:
-            raise ValueError(f"class-conditional pipeline {type(pipe).__name__} needs integer class labels, got {p!r}")
+            raise ValueError(
+                f"class-conditional pipeline {type(pipe).__name__} needs integer class labels, got {p!r}"
+            )
     return labels
 
 

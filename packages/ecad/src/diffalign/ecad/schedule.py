@@ -185,7 +185,9 @@ class Schedule:
                 raise ScheduleError("recompute must hold booleans (or 0/1 integers)")
             rec = rec.bool()
         if rec.ndim != 3:
-            raise ScheduleError(f"recompute must be [steps, blocks, components], got shape {tuple(rec.shape)}")
+            raise ScheduleError(
+                f"recompute must be [steps, blocks, components], got shape {tuple(rec.shape)}"
+            )
         want = (sum(self.group_sizes), spec.num_components)
         if tuple(rec.shape[1:]) != want:
             raise ScheduleError(
@@ -313,7 +315,8 @@ class Schedule:
             for g, n in zip(spec.groups, self.group_sizes):
                 for i in range(n):
                     step[f"{g.official_prefix}{i}"] = {
-                        key: bool(self.recompute[s, b, slot]) for slot, key in enumerate(g.official_components)
+                        key: bool(self.recompute[s, b, slot])
+                        for slot, key in enumerate(g.official_components)
                     }
                     b += 1
             sched[f"{s:03d}"] = step
@@ -328,7 +331,9 @@ class Schedule:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], architecture: str | None = None, source: str = "<dict>") -> Schedule:
+    def from_dict(
+        cls, data: dict[str, Any], architecture: str | None = None, source: str = "<dict>"
+    ) -> Schedule:
         if not isinstance(data, dict):
             raise ScheduleError(f"{source}: a schedule file must hold a JSON object")
         if "cache_schedule" in data:
@@ -362,7 +367,9 @@ class Schedule:
             if isinstance(err, ScheduleError):
                 raise
             raise ScheduleError(f"{source}: malformed schedule: {err}") from err
-        return cls(spec.name, rec, sizes, name=str(data.get("name", "schedule")), metadata=data.get("metadata") or {})
+        return cls(
+            spec.name, rec, sizes, name=str(data.get("name", "schedule")), metadata=data.get("metadata") or {}
+        )
 
     @classmethod
     def _from_official(cls, data: dict[str, Any], architecture: str | None, source: str) -> Schedule:
@@ -469,7 +476,9 @@ def no_cache(arch, num_steps: int, group_sizes: Sequence[int] | int | None = Non
     return Schedule(arch, rec, sizes, name="no_cache")
 
 
-def fora(arch, num_steps: int, every: int, group_sizes=None, components: Sequence[int] | None = None) -> Schedule:
+def fora(
+    arch, num_steps: int, every: int, group_sizes=None, components: Sequence[int] | None = None
+) -> Schedule:
     """FORA-style: recompute (the chosen components of) every block on steps 0, N, 2N, ...; reuse otherwise."""
     if every < 1:
         raise ScheduleError(f"every must be >= 1, got {every}")
@@ -513,7 +522,9 @@ def evenly_spaced(
         raise ScheduleError(f"component slot {component} out of range 0..{nc - 1}")
     k = max(0, min(num_blocks_cached, nb))
     m = max(0, min(num_steps_cached, num_steps - 1))
-    blocks = sorted({round(i * (nb - 1) / max(k - 1, 1)) for i in range(k)}) if k > 1 else ([nb // 2] if k else [])
+    blocks = (
+        sorted({round(i * (nb - 1) / max(k - 1, 1)) for i in range(k)}) if k > 1 else ([nb // 2] if k else [])
+    )
     start = 1 + (num_steps - 1 - m) // 2
     for s in range(start, start + m):
         sched.recompute[s, blocks, component] = False

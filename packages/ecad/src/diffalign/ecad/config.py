@@ -1,0 +1,107 @@
+"""Recipe config of an ECAD schedule search (``diffalign config schema ecad`` prints its schema)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from diffalign.core.config import Config
+from diffalign.core.launch import LaunchConfig
+
+__all__ = [
+    "ModelSection",
+    "SamplingSection",
+    "CalibrationSection",
+    "QualitySection",
+    "SearchSection",
+    "EcadRecipe",
+    "RECIPE_CONFIG",
+]
+
+
+class ModelSection(Config):
+    source: str = Field("shapes/dit", description="hub id, local diffusers folder, or shapes/dit")
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    device: str = Field("cpu", description="device of process 0; process i uses its accelerator device")
+
+
+class SamplingSection(Config):
+    num_inference_steps: int = Field(20, ge=1)
+    guidance_scale: float = 4.5
+    height: int | None = Field(None, description="pixels; None = the pipeline's default")
+    width: int | None = None
+    batch_size: int = Field(16, ge=1)
+    extra_call_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="passed to pipe(...) verbatim"
+    )
+
+
+class CalibrationSection(Config):
+    """Calibration prompts x seeds on which every candidate schedule is scored."""
+
+    prompts: list[str] | None = Field(None, description="explicit prompts (take precedence)")
+    prompt_file: str | None = Field(None, description="text file, one prompt per line, or a JSON list")
+    shapes_skills: list[Literal["object", "count", "color", "spatial"]] = Field(
+        default_factory=lambda: ["object", "count", "color", "spatial"],
+        description="shapes-world skills to draw prompts from when no prompts/prompt_file is given",
+    )
+    shapes_split: Literal["train", "heldout"] = "train"
+    num_prompts: int = Field(100, ge=1, description="prompts used (shapes: split evenly over skills)")
+    num_seeds: int = Field(10, ge=1, description="images per prompt, seeds seed_offset..seed_offset+n-1")
+    seed_offset: int = 0
+    prompt_seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.prompts is not None and self.prompt_file is not None:
+            raise ValueError("give either calibration.prompts or calibration.prompt_file, not both")
+        if self.prompts is not None and not self.prompts:
+            raise ValueError("calibration.prompts is empty")
+        return self
+
+
+class QualitySection(Config):
+    reward: str = Field(
+        "shapes-faithfulness",
+        description="a registered reward name (diffalign.core.rewards) or 'module.path:factory'",
+    )
+    reward_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class SearchSection(Config):
+    population_size: int = Field(72, ge=2)
+    generations: int = Field(550, ge=1)
+    seed: int = 0
+    crossover_prob: float = Field(0.9, ge=0, le=1)
+    crossover_points: int = Field(4, ge=1)
+    mutation_prob: float = Field(0.05, ge=0, le=1, description="fraction of offspring mutated (pymoo prob)")
+    mutation_bit_prob: float | None = Field(
+        None, ge=0, le=1, description="per-bit flip probability of a mutated child; None = 1/n_bits"
+    )
+    min_cached_bits: int = Field(1, ge=0, description="constraint: at least this many reused evaluations")
+    seed_heuristics: bool = Field(True, description="initial population: no-cache, FORA, TGATE, grids")
+    initial_schedules: list[str] = Field(default_factory=list, description="schedule JSON files to seed with")
+    objective: Literal["flops", "flop_ratio"] = Field(
+        "flop_ratio", description="compute objective: absolute FLOPs or FLOPs / no-cache FLOPs (same front)"
+    )
+    choose_at_flop_ratios: list[float] = Field(
+        default_factory=lambda: [0.75, 0.5, 0.35],
+        description="write run_dir/chosen/flop_ratio_X.json: the best-reward front schedule within each budget",
+    )
+    num_threads: int | None = Field(
+        None, ge=1, description="torch threads per process (None = torch default)"
+    )
+
+
+class EcadRecipe(Config):
+    run_dir: str = "runs/ecad"
+    model: ModelSection = Field(default_factory=ModelSection)
+    sampling: SamplingSection = Field(default_factory=SamplingSection)
+    calibration: CalibrationSection = Field(default_factory=CalibrationSection)
+    quality: QualitySection = Field(default_factory=QualitySection)
+    search: SearchSection = Field(default_factory=SearchSection)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+
+
+RECIPE_CONFIG = EcadRecipe
