@@ -1,0 +1,448 @@
+"""The DI* recipe: alternate fake-score DSM updates and generator updates.
+
+Each iteration (paper / DI++ Algorithm 1, DMD2 two-timescale schedule):
+
+  (a) K_TA times: x0 = sg(g_theta(z, c)); x_t = alpha_t x0 + sigma_t eps, t ~ U[fake range];
+      psi <- psi - lr * grad ||eps_psi(x_t, t, c) - eps||^2          (in the network's own parameterisation)
+  (b) once:       x0 = g_theta(z, c); t ~ U[generator range]; x_t = alpha_t x0 + sigma_t eps
+      theta <- theta - lr * grad [ -alpha_rew r(decode(x0), c) + w(t) d'(u)^T (s_psi - grad log q) ]
+      with u = s_ref^cfg - s_psi, gradients through x_t into both networks' outputs, their parameters frozen.
+
+Randomness of step k (prompts, z, t, eps) comes from a generator seeded by (seed, k), so a resumed run
+ends exactly where an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import losses as L
+from .config import DiStarConfig, LoraConfig, OptimizerConfig
+from .inference import to_one_step_pipeline, write_metadata
+from .modeling import (
+    Conditioning,
+    NoiseSchedule,
+    check_pipeline,
+    decode_latents,
+    encode_prompts,
+    generate_x0,
+    latent_shape,
+    predict_epsilon,
+    unet_output,
+)
+
+__all__ = ["DiStarTrainer", "load_prompts", "train", "export_generator"]
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_prompts(cfg: DiStarConfig) -> list[str]:
+    """Training prompts: the shapes grammar (train split) or a text file with one prompt per line."""
+    if cfg.data.prompts == "shapes":
+        from diffalign.core.shapes import sample_prompts
+
+        per_skill = max(1, cfg.data.num_prompts // len(cfg.data.skills))
+        prompts: list[str] = []
+        for i, skill in enumerate(cfg.data.skills):
+            prompts += sample_prompts(skill, per_skill, split="train", seed=cfg.seed + i)
+        return prompts
+    path = Path(cfg.data.prompts)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.prompts: prompt file not found: {path} (or use 'shapes')")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"data.prompts: {path} contains no prompts")
+    return prompts
+
+
+def _add_lora(unet: torch.nn.Module, lora: LoraConfig) -> None:
+    from peft import LoraConfig as PeftLoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(
+        PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.target_modules), init_lora_weights=True)
+    )
+
+
+def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def _make_optimizer(params: list[torch.nn.Parameter], opt: OptimizerConfig) -> torch.optim.Optimizer:
+    if not params:
+        raise ValueError("no trainable parameters")
+    return torch.optim.AdamW(params, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay, eps=opt.eps)
+
+
+@dataclass
+class StepRandomness:
+    prompts: list[str]
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    eps: torch.Tensor
+
+
+class DiStarTrainer:
+    """Holds the three networks, the reward and both optimisers; ``train_step`` runs one DI* iteration.
+
+    ``pipe`` is the loaded teacher pipeline (its UNet becomes the frozen reference); ``reward`` any
+    differentiable ``RewardModel`` on [-1, 1] pixels (may be None when ``alpha_rew == 0``).
+    """
+
+    def __init__(
+        self,
+        cfg: DiStarConfig,
+        pipe: Any,
+        reward: Any | None,
+        prompts: list[str],
+        accelerator: Any | None = None,
+        generator_unet: torch.nn.Module | None = None,
+        fake_unet: torch.nn.Module | None = None,
+    ):
+        check_pipeline(pipe)
+        self.cfg = cfg
+        self.pipe = pipe
+        self.prompts = list(prompts)
+        if not self.prompts:
+            raise ValueError("DI* training needs at least one prompt")
+        self.accelerator = accelerator
+        self.device = accelerator.device if accelerator is not None else pipe.unet.device
+        self.schedule = NoiseSchedule(pipe.scheduler)
+        n_train = self.schedule.num_train_timesteps
+        for name, (low, high) in (
+            ("loss.timestep_range", cfg.loss.timestep_range),
+            ("fake_score.timestep_range", cfg.fake_score.timestep_range),
+        ):
+            if high >= n_train:
+                raise ValueError(f"{name} upper end {high} must be < the teacher's {n_train} train timesteps")
+        if cfg.generator.t_star >= n_train:
+            raise ValueError(f"generator.t_star={cfg.generator.t_star} must be < {n_train}")
+        self.prediction_type = self.schedule.prediction_type
+        self.latent_shape = latent_shape(pipe, cfg.model.resolution)
+
+        if cfg.loss.alpha_rew > 0:
+            if reward is None:
+                raise ValueError("loss.alpha_rew > 0 needs a reward model")
+            if not getattr(reward, "differentiable", False) or getattr(reward, "input_range", None) != "[-1,1]":
+                raise ValueError(
+                    f"reward {getattr(reward, 'name', reward)!r} must be differentiable on [-1,1] pixel tensors "
+                    "for DI*; pick a differentiable reward or set loss.alpha_rew=0"
+                )
+            for p in getattr(reward, "parameters", lambda: [])():
+                p.requires_grad_(False)
+        self.reward = reward
+
+        # frozen parts: reference UNet, VAE, text encoders
+        self.reference = pipe.unet
+        for module in (pipe.unet, pipe.vae, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)):
+            if module is not None:
+                module.requires_grad_(False)
+                module.eval()
+
+        # trainable parts: generator and fake score, float32 masters
+        self.generator = (generator_unet if generator_unet is not None else copy.deepcopy(pipe.unet)).to(
+            self.device, torch.float32
+        )
+        self.fake = (fake_unet if fake_unet is not None else copy.deepcopy(pipe.unet)).to(self.device, torch.float32)
+        for net, section in ((self.generator, cfg.generator), (self.fake, cfg.fake_score)):
+            net.requires_grad_(True)
+            if section.lora is not None:
+                _add_lora(net, section.lora)
+            net.train()
+        self.generator_params = _trainable(self.generator)
+        self.fake_params = _trainable(self.fake)
+        self.opt_generator = _make_optimizer(self.generator_params, cfg.generator.optimizer)
+        self.opt_fake = _make_optimizer(self.fake_params, cfg.fake_score.optimizer)
+        if accelerator is not None:
+            self.generator, self.fake, self.opt_generator, self.opt_fake = accelerator.prepare(
+                self.generator, self.fake, self.opt_generator, self.opt_fake
+            )
+        self._cond_cache: dict[tuple[str, ...], tuple[Conditioning, Conditioning]] = {}
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def _unwrap(self, module):
+        return self.accelerator.unwrap_model(module) if self.accelerator is not None else module
+
+    def _conditions(self, prompts: list[str]) -> tuple[Conditioning, Conditioning]:
+        key = tuple(prompts)
+        if key not in self._cond_cache:
+            if len(self._cond_cache) > 256:
+                self._cond_cache.clear()
+            self._cond_cache[key] = encode_prompts(self.pipe, prompts, self.cfg.model.resolution)
+        cond, uncond = self._cond_cache[key]
+        return cond.to(self.device, torch.float32), uncond.to(self.device, torch.float32)
+
+    def randomness(self, step: int, phase: str, round_index: int, t_range: tuple[int, int]) -> StepRandomness:
+        seed = (self.cfg.seed * 1_000_003 + step * 101 + round_index * 7 + (0 if phase == "fake" else 1)) % 2**63
+        if self.accelerator is not None:
+            seed = (seed + 7919 * self.accelerator.process_index) % 2**63
+        gen = torch.Generator().manual_seed(seed)
+        b = self.cfg.data.batch_size
+        idx = torch.randint(len(self.prompts), (b,), generator=gen).tolist()
+        noise = torch.randn(b, *self.latent_shape, generator=gen)
+        timesteps = self.schedule.sample_timesteps(b, *t_range, generator=gen)
+        eps = torch.randn(b, *self.latent_shape, generator=gen)
+        return StepRandomness(
+            [self.prompts[i] for i in idx], noise.to(self.device), timesteps.to(self.device), eps.to(self.device)
+        )
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self.accelerator is not None:
+            self.accelerator.backward(loss)
+        else:
+            loss.backward()
+
+    def _clip(self, params, max_norm: float | None) -> float:
+        if max_norm is None:
+            return float("nan")
+        if self.accelerator is not None:
+            return float(self.accelerator.clip_grad_norm_(params, max_norm))
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    # ------------------------------------------------------------------------------------------ phase (a)
+    def fake_step(self, step: int, round_index: int = 0) -> dict[str, float]:
+        rnd = self.randomness(step, "fake", round_index, self.cfg.fake_score.timestep_range)
+        cond, _ = self._conditions(rnd.prompts)
+        with torch.no_grad():
+            x0 = generate_x0(self.generator, rnd.noise, cond, self.schedule, self.cfg.generator.t_star, self.prediction_type)
+        alpha, sigma = self.schedule.alpha_sigma(rnd.timesteps)
+        x_t = L.expand_like(alpha, x0) * x0 + L.expand_like(sigma, x0) * rnd.eps
+        out = unet_output(self.fake, x_t, rnd.timesteps, cond)
+        loss = L.fake_score_dsm_loss(out, x0, rnd.eps, alpha, sigma, self.prediction_type).mean()
+        from diffalign.core.training import check_finite
+
+        check_finite(loss, step, "fake-score DSM loss")
+        self.opt_fake.zero_grad(set_to_none=True)
+        self._backward(loss)
+        grad_norm = self._clip(self.fake_params, self.cfg.fake_score.optimizer.max_grad_norm)
+        self.opt_fake.step()
+        return {"loss_fake": float(loss.detach()), "grad_norm_fake": grad_norm}
+
+    # ------------------------------------------------------------------------------------------ phase (b)
+    def generator_losses(self, rnd: StepRandomness) -> dict[str, torch.Tensor]:
+        """Per-term generator losses (means over the batch) with the graph to theta."""
+        cfg = self.cfg.loss
+        cond, uncond = self._conditions(rnd.prompts)
+        x0 = generate_x0(self.generator, rnd.noise, cond, self.schedule, self.cfg.generator.t_star, self.prediction_type)
+        terms: dict[str, torch.Tensor] = {}
+        zero = x0.sum() * 0.0
+        if cfg.alpha_rew > 0:
+            images = decode_latents(self.pipe.vae, x0.to(self.pipe.vae.dtype)).float()
+            if self.cfg.reward.resize is not None:
+                images = F.interpolate(images, size=self.cfg.reward.resize, mode="bilinear", align_corners=False)
+            rewards = self.reward.score(images, rnd.prompts).float()
+            terms["reward"] = rewards.detach().mean()
+            terms["loss_reward"] = L.reward_loss(rewards, cfg.alpha_rew).mean()
+        else:
+            terms["loss_reward"] = zero
+        if cfg.regulariser == "none" or cfg.divergence_scale == 0:
+            terms["loss_divergence"] = zero
+            return terms
+        alpha, sigma = self.schedule.alpha_sigma(rnd.timesteps)
+        x_t = L.expand_like(alpha, x0) * x0 + L.expand_like(sigma, x0) * rnd.eps
+        # fake score: parameters frozen in this phase, gradient flows through x_t into its output
+        fake = self._unwrap(self.fake)
+        for p in self.fake_params:
+            p.requires_grad_(False)
+        try:
+            eps_fake = predict_epsilon(fake, x_t, rnd.timesteps, cond, self.schedule, self.prediction_type)
+        finally:
+            for p in self.fake_params:
+                p.requires_grad_(True)
+        ref_dtype = next(self.reference.parameters()).dtype
+        need_uncond = cfg.cfg_scale != 1.0
+        if need_uncond:
+            both = Conditioning(
+                torch.cat([cond.encoder_hidden_states, uncond.encoder_hidden_states]),
+                None
+                if cond.added_cond_kwargs is None
+                else {k: torch.cat([cond.added_cond_kwargs[k], uncond.added_cond_kwargs[k]]) for k in cond.added_cond_kwargs},
+            ).to(self.device, ref_dtype)
+            eps_both = predict_epsilon(
+                self.reference, torch.cat([x_t, x_t]).to(ref_dtype), torch.cat([rnd.timesteps] * 2), both,
+                self.schedule, self.prediction_type,
+            ).float()
+            eps_cond, eps_uncond = eps_both.chunk(2)
+        else:
+            eps_cond = predict_epsilon(
+                self.reference, x_t.to(ref_dtype), rnd.timesteps, cond.to(self.device, ref_dtype), self.schedule,
+                self.prediction_type,
+            ).float()
+            eps_uncond = eps_cond
+        weight = L.timestep_weight(alpha, sigma, cfg.weighting)
+        target = (
+            L.classifier_free_guidance(eps_uncond, eps_cond, cfg.cfg_scale) if cfg.cfg_mode == "in" else eps_cond
+        )
+        if cfg.regulariser == "score":
+            div = L.di_star_generator_loss(eps_fake, target, rnd.eps, sigma, weight, cfg.distance, cfg.huber_c)
+        else:
+            div = L.kl_generator_loss(eps_fake, target, x_t, sigma, weight)
+        if cfg.cfg_mode == "out" and need_uncond:
+            div = div + L.implicit_cfg_reward_loss(eps_cond, eps_uncond, x_t, sigma, cfg.cfg_scale, weight)
+        terms["loss_divergence"] = cfg.divergence_scale * div.mean()
+        return terms
+
+    def generator_step(self, step: int) -> dict[str, float]:
+        from diffalign.core.training import check_finite
+
+        rnd = self.randomness(step, "generator", 0, self.cfg.loss.timestep_range)
+        terms = self.generator_losses(rnd)
+        loss = terms["loss_reward"] + terms["loss_divergence"]
+        check_finite(loss, step, "generator loss")
+        self.opt_generator.zero_grad(set_to_none=True)
+        self._backward(loss)
+        grad_norm = self._clip(self.generator_params, self.cfg.generator.optimizer.max_grad_norm)
+        self.opt_generator.step()
+        out = {k: float(v.detach()) for k, v in terms.items()}
+        out.update(loss_generator=float(loss.detach()), grad_norm_generator=grad_norm)
+        return out
+
+    def train_step(self, step: int) -> dict[str, float]:
+        logs: dict[str, float] = {}
+        if self.cfg.loss.regulariser != "none" and self.cfg.loss.divergence_scale > 0:
+            fake_logs = [self.fake_step(step, k) for k in range(self.cfg.fake_score.updates_per_generator_step)]
+            logs["loss_fake"] = sum(f["loss_fake"] for f in fake_logs) / len(fake_logs)
+        logs.update(self.generator_step(step))
+        return logs
+
+    # ------------------------------------------------------------------------------------------ state
+    @staticmethod
+    def _trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+    @staticmethod
+    def _load_trainable(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+        expected = {n for n, p in module.named_parameters() if p.requires_grad}
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
+            raise ValueError(
+                f"checkpoint {what} does not match this recipe's trainable parameters "
+                f"(missing e.g. {missing}, unexpected e.g. {extra}); was it written with another lora setting?"
+            )
+        module.load_state_dict(state, strict=False)
+
+    def state_dict(self, step: int) -> dict[str, Any]:
+        from diffalign.core.training import capture_rng_state
+
+        return {
+            "step": step,
+            "generator": self._trainable_state(self._unwrap(self.generator)),
+            "fake": self._trainable_state(self._unwrap(self.fake)),
+            "opt_generator": self.opt_generator.state_dict(),
+            "opt_fake": self.opt_fake.state_dict(),
+            "rng": capture_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> int:
+        from diffalign.core.training import restore_rng_state
+
+        self._load_trainable(self._unwrap(self.generator), state["generator"], "generator")
+        self._load_trainable(self._unwrap(self.fake), state["fake"], "fake score")
+        self.opt_generator.load_state_dict(state["opt_generator"])
+        self.opt_fake.load_state_dict(state["opt_fake"])
+        restore_rng_state(state["rng"])
+        return int(state["step"])
+
+    def merged_generator(self) -> torch.nn.Module:
+        """A plain UNet with the trained weights (LoRA fused and removed)."""
+        unet = copy.deepcopy(self._unwrap(self.generator)).eval()
+        if self.cfg.generator.lora is not None:
+            unet.fuse_lora()
+            unet.unload_lora()
+        return unet.requires_grad_(False)
+
+
+def export_generator(trainer: DiStarTrainer, out_dir: str | Path) -> Path:
+    """Save the trained generator as a standard diffusers pipeline (LCMScheduler) plus ``di_star.json``."""
+    out_dir = Path(out_dir)
+    pipe = copy.copy(trainer.pipe)
+    components = dict(trainer.pipe.components)
+    components["unet"] = trainer.merged_generator()
+    pipe = type(trainer.pipe)(**components)
+    to_one_step_pipeline(pipe)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    write_metadata(tmp, trainer.cfg.generator.t_star, teacher=trainer.cfg.model.teacher)
+    if out_dir.exists():
+        import shutil
+
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def _load_models(cfg: DiStarConfig, device) -> tuple[Any, torch.nn.Module | None, torch.nn.Module | None]:
+    from diffalign.core.models import load_pipeline, load_unet
+
+    pipe = load_pipeline(cfg.model.teacher, dtype=DTYPES[cfg.model.dtype], device=device)
+    check_pipeline(pipe)
+    gen = load_unet(cfg.model.generator_init, dtype=torch.float32) if cfg.model.generator_init else None
+    fake = load_unet(cfg.model.fake_init, dtype=torch.float32) if cfg.model.fake_init else None
+    for what, net in (("generator_init", gen), ("fake_init", fake)):
+        if net is not None and net.config.in_channels != pipe.unet.config.in_channels:
+            raise ValueError(f"model.{what} has {net.config.in_channels} input channels, the teacher {pipe.unet.config.in_channels}")
+    return pipe, gen, fake
+
+
+def train(cfg: DiStarConfig, pipe: Any | None = None, reward: Any | None = None) -> Path:
+    """Run (or resume) a DI* recipe; returns the exported generator pipeline folder."""
+    from diffalign.core.config import save_config
+    from diffalign.core.launch import make_accelerator
+    from diffalign.core.rewards import get_reward
+    from diffalign.core.training import CheckpointManager, make_tracker, progress, seed_everything
+
+    prompts = load_prompts(cfg)
+    seed_everything(cfg.seed)
+    if reward is None and cfg.loss.alpha_rew > 0:
+        reward = get_reward(cfg.reward.name, **cfg.reward.kwargs)
+    run_dir = Path(cfg.run_dir)
+    accelerator = make_accelerator(cfg.launch, run_dir=run_dir)
+    gen_init = fake_init = None
+    if pipe is None:
+        pipe, gen_init, fake_init = _load_models(cfg, accelerator.device)
+    else:
+        pipe.to(accelerator.device)
+    trainer = DiStarTrainer(cfg, pipe, reward, prompts, accelerator, gen_init, fake_init)
+
+    if accelerator.is_main_process:
+        save_config(cfg, run_dir)
+    ckpt = CheckpointManager(run_dir, keep_last=cfg.training.keep_last)
+    start = 0
+    state = ckpt.load_latest()
+    if state is not None:
+        start = trainer.load_state_dict(state)
+    log = make_tracker(accelerator, run_dir, project="di-star")
+    metrics_path = run_dir / "metrics.jsonl"
+    bar = progress(total=cfg.training.max_steps, initial=start, desc="di-star")
+    for step in range(start, cfg.training.max_steps):
+        logs = trainer.train_step(step)
+        done = step + 1
+        bar.update(1)
+        if done % cfg.training.log_every == 0 or done == cfg.training.max_steps:
+            bar.set_postfix({k: round(v, 4) for k, v in logs.items() if k.startswith(("loss_gen", "reward"))})
+            log(logs, step=done)
+            if accelerator.is_main_process:
+                with open(metrics_path, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps({"step": done, **logs}) + "\n")
+        if done % cfg.training.checkpoint_every == 0 or done == cfg.training.max_steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                ckpt.save(done, trainer.state_dict(done))
+    bar.close()
+    accelerator.wait_for_everyone()
+    out = run_dir / "generator"
+    if accelerator.is_main_process:
+        export_generator(trainer, out)
+    accelerator.end_training()
+    return out
