@@ -1,0 +1,359 @@
+"""Stage 3: one LoRA expert per skill (SELMA section 3.2).
+
+The loop is diffusers' text-to-image LoRA fine-tuning, as SELMA uses it: frozen VAE and text encoders,
+LoRA (peft) on the denoiser's attention projections, the plain diffusion MSE, AdamW with a constant
+learning rate. It runs under core's accelerator (DDP or DeepSpeed from the recipe's ``launch``
+section), checkpoints atomically every ``checkpoint_every`` steps and resumes exactly: the data order,
+the noise and the timesteps of step ``s`` depend only on (seed, s, micro-step, process), never on what
+ran before.
+
+Supported denoisers: SD-style UNets (``StableDiffusionPipeline``), SDXL UNets (text and time
+embeddings) and PixArt transformers (learned-sigma output, attention masks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from diffalign.selma.images import ImageTextDataset
+from diffalign.selma.lora import (
+    LoraAdapter,
+    adapter_from_model,
+    add_lora,
+    denoiser_prefix,
+    get_denoiser,
+    make_lora_config,
+    save_adapter,
+)
+from diffalign.selma.losses import diffusion_loss, diffusion_target, noisy_latents
+
+
+def _step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    return int(hashlib.sha256(f"selma-train:{seed}:{step}:{micro}:{rank}".encode()).hexdigest()[:15], 16)
+
+
+def batch_indices(seed: int, counter: int, batch_size: int, n: int) -> list[int]:
+    """Indices ``counter .. counter+batch_size-1`` of an endless stream of seeded epoch permutations."""
+    out = []
+    cache: dict[int, torch.Tensor] = {}
+    for c in range(counter, counter + batch_size):
+        epoch, pos = divmod(c, n)
+        if epoch not in cache:
+            cache[epoch] = torch.randperm(
+                n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            )
+        out.append(int(cache[epoch][pos]))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Architecture adapters: text conditioning and the denoiser call
+# --------------------------------------------------------------------------------------------------
+
+
+def architecture_of(pipe) -> str:
+    name = type(pipe).__name__
+    if "XL" in name and getattr(pipe, "unet", None) is not None:
+        return "sdxl"
+    if getattr(pipe, "unet", None) is not None:
+        return "sd"
+    if "PixArt" in name:
+        return "pixart"
+    raise ValueError(
+        f"SELMA expert training supports Stable Diffusion, SDXL and PixArt pipelines, not {name}"
+    )
+
+
+@torch.no_grad()
+def encode_text(pipe, prompts: Sequence[str], device) -> dict:
+    arch = architecture_of(pipe)
+    prompts = list(prompts)
+    if arch == "sd":
+        embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
+        return {"encoder_hidden_states": embeds}
+    if arch == "sdxl":
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        return {"encoder_hidden_states": embeds, "text_embeds": pooled}
+    max_len = getattr(pipe.tokenizer, "model_max_length", 120)
+    embeds, mask, _, _ = pipe.encode_prompt(
+        prompts, do_classifier_free_guidance=False, device=device, max_sequence_length=min(120, max_len)
+    )
+    return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
+
+
+def denoise(
+    pipe, denoiser, latents, timesteps, cond: dict, crops: torch.Tensor | None = None
+) -> torch.Tensor:
+    arch = architecture_of(pipe)
+    dtype = next(denoiser.parameters()).dtype
+    latents = latents.to(dtype)
+    if arch == "sd":
+        return denoiser(
+            latents, timesteps, encoder_hidden_states=cond["encoder_hidden_states"].to(dtype)
+        ).sample
+    if arch == "sdxl":
+        h, w = latents.shape[-2] * pipe.vae_scale_factor, latents.shape[-1] * pipe.vae_scale_factor
+        if crops is None:
+            crops = torch.tensor([[h, w, 0, 0]] * latents.shape[0])
+        time_ids = torch.cat(
+            [crops.float(), torch.tensor([[h, w]] * latents.shape[0], dtype=torch.float32)], dim=1
+        )
+        added = {"text_embeds": cond["text_embeds"].to(dtype), "time_ids": time_ids.to(latents.device, dtype)}
+        return denoiser(
+            latents,
+            timesteps,
+            encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
+            added_cond_kwargs=added,
+        ).sample
+    out = denoiser(
+        latents,
+        encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
+        encoder_attention_mask=cond["encoder_attention_mask"],
+        timestep=timesteps,
+        added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+    ).sample
+    if out.shape[1] == 2 * latents.shape[1]:  # learned sigma: the first half is the noise/velocity prediction
+        out = out[:, : latents.shape[1]]
+    return out
+
+
+@torch.no_grad()
+def encode_images(vae, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    eps = torch.randn(dist.mean.shape, generator=generator).to(dist.mean.device, dist.mean.dtype)
+    latents = dist.mean + dist.std * eps
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+
+
+def train_lora(
+    pipe,
+    records: Sequence[dict],
+    out_dir: str | Path,
+    tcfg,
+    launch=None,
+    *,
+    seed: int = 0,
+    steps: int | None = None,
+    base_model: str | None = None,
+    skill: str | None = None,
+    log=print,
+) -> Path:
+    """Train (or resume) one LoRA on ``records`` (imagefolder records with ``path`` and ``text``).
+
+    Writes checkpoints to ``out_dir/checkpoints`` and the final adapter to ``out_dir`` (diffusers LoRA
+    layout); returns ``out_dir``. ``tcfg`` is a :class:`~diffalign.selma.config.TrainConfig`.
+    """
+    from diffusers.optimization import get_scheduler
+
+    from diffalign.core.launch import make_accelerator
+    from diffalign.core.training import CheckpointManager, check_finite, progress
+
+    out_dir = Path(out_dir)
+    steps = steps or tcfg.steps
+    if not records:
+        raise ValueError("no training images")
+    done_file = out_dir / "pytorch_lora_weights.safetensors"
+    meta_file = out_dir / "selma_adapter.json"
+    if done_file.exists() and meta_file.exists():
+        import json
+
+        meta = json.loads(meta_file.read_text())
+        if meta.get("steps") == steps and meta.get("complete"):
+            log(f"[selma] {out_dir} already holds a finished adapter ({steps} steps); skipping")
+            return out_dir
+    accelerator = make_accelerator(launch, out_dir)
+    device = accelerator.device
+    pipe.to(device)
+    for comp in ("vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, comp, None)
+        if module is not None:
+            module.requires_grad_(False)
+            if tcfg.dtype:
+                module.to(dtype=getattr(torch, tcfg.dtype))
+    denoiser = get_denoiser(pipe)
+    denoiser.requires_grad_(False)
+    lcfg = make_lora_config(tcfg.rank, tcfg.alpha, tcfg.targets, tcfg.init)
+    add_lora(denoiser, lcfg)
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=tcfg.lr,
+        betas=(tcfg.adam_beta1, tcfg.adam_beta2),
+        weight_decay=tcfg.weight_decay,
+        eps=tcfg.adam_epsilon,
+    )
+    # accelerate steps a prepared scheduler once per process at each optimizer step (as in diffusers' scripts)
+    n_proc = accelerator.num_processes
+    lr_sched = get_scheduler(
+        tcfg.lr_scheduler,
+        optimizer,
+        num_warmup_steps=tcfg.warmup_steps * n_proc,
+        num_training_steps=steps * n_proc,
+    )
+    denoiser_p, optimizer, lr_sched = accelerator.prepare(denoiser, optimizer, lr_sched)
+    accum = accelerator.gradient_accumulation_steps
+    dataset = ImageTextDataset(records, tcfg.resolution, tcfg.center_crop, tcfg.random_flip)
+    scheduler_cfg = pipe.scheduler.config
+    prediction_type = scheduler_cfg.get("prediction_type", "epsilon")
+    alphas_cumprod = _alphas_cumprod(pipe.scheduler)
+    n_train_t = int(scheduler_cfg.get("num_train_timesteps", len(alphas_cumprod)))
+
+    ckpt = CheckpointManager(out_dir, keep_last=tcfg.keep_checkpoints)
+    start = 0
+    state = ckpt.load_latest()
+    if state is not None:
+        _load_lora_tensors(accelerator.unwrap_model(denoiser_p), state["lora"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_sched.load_state_dict(state["lr_scheduler"])
+        start = int(state["step"])
+        if state.get("rank") != tcfg.rank or state.get("total_steps") != steps:
+            raise ValueError(
+                f"checkpoint in {ckpt.dir} was made with rank {state.get('rank')} / {state.get('total_steps')} steps, "
+                f"the recipe asks for rank {tcfg.rank} / {steps} steps: use another run directory"
+            )
+        log(f"[selma] resuming {out_dir.name} from step {start}")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    bar_kwargs = {} if accelerator.is_main_process else {"disable": True}
+    bar = progress(total=steps, initial=start, desc=f"train[{skill or out_dir.name}]", **bar_kwargs)
+    denoiser_p.train()
+    last_loss = float("nan")
+    history: list[dict] = []
+    for step in range(start, steps):
+        for micro in range(accum):
+            gen = torch.Generator().manual_seed(_step_seed(seed, step, micro, rank))
+            counter = ((step * accum + micro) * world + rank) * tcfg.batch_size
+            idx = batch_indices(seed, counter, tcfg.batch_size, len(dataset))
+            items = [dataset.load(i, gen) for i in idx]
+            pixels = torch.stack([it[0] for it in items])
+            prompts = [it[1] for it in items]
+            crops = torch.tensor([[it[2][0], it[2][1], it[2][2], it[2][3]] for it in items])
+            with accelerator.accumulate(denoiser_p):
+                latents = encode_images(pipe.vae, pixels, gen).float()
+                noise = torch.randn(latents.shape, generator=gen).to(latents.device)
+                t = torch.randint(0, n_train_t, (latents.shape[0],), generator=gen).to(latents.device)
+                xt = noisy_latents(latents, noise, alphas_cumprod, t)
+                target = diffusion_target(latents, noise, alphas_cumprod, t, prediction_type)
+                cond = encode_text(pipe, prompts, device)
+                with accelerator.autocast():
+                    pred = denoise(pipe, denoiser_p, xt, t, cond, crops)
+                loss = diffusion_loss(pred, target)
+                check_finite(loss, step, "selma lora loss")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and tcfg.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, tcfg.max_grad_norm)
+                optimizer.step()
+                lr_sched.step()
+                optimizer.zero_grad(set_to_none=True)
+            last_loss = float(loss.detach())
+        done = step + 1
+        if done % tcfg.log_every == 0 or done == steps:
+            history.append({"step": done, "loss": last_loss})
+        bar.update(1)
+        bar.set_postfix(loss=f"{last_loss:.4f}")
+        if done % tcfg.checkpoint_every == 0 or done == steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                ckpt.save(
+                    done,
+                    {
+                        "step": done,
+                        "lora": _lora_tensors(accelerator.unwrap_model(denoiser_p)),
+                        "optimizer": optimizer.state_dict(),
+                        "lr_scheduler": lr_sched.state_dict(),
+                        "rank": tcfg.rank,
+                        "total_steps": steps,
+                    },
+                )
+        if done in tcfg.adapter_steps and accelerator.is_main_process:
+            _export(
+                accelerator.unwrap_model(denoiser_p),
+                lcfg,
+                pipe,
+                out_dir / f"checkpoint-{done}",
+                base_model,
+                skill,
+                done,
+                steps,
+                len(records),
+                partial=True,
+            )
+    bar.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _export(
+            accelerator.unwrap_model(denoiser_p),
+            lcfg,
+            pipe,
+            out_dir,
+            base_model,
+            skill,
+            steps,
+            steps,
+            len(records),
+            history=history,
+        )
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    return out_dir
+
+
+def _alphas_cumprod(scheduler) -> torch.Tensor:
+    ac = getattr(scheduler, "alphas_cumprod", None)
+    if ac is None:
+        raise ValueError(
+            f"scheduler {type(scheduler).__name__} has no alphas_cumprod: SELMA's trainer covers DDPM-family (epsilon / v) models"
+        )
+    return torch.as_tensor(ac, dtype=torch.float32)
+
+
+def _lora_tensors(denoiser) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in denoiser.named_parameters() if "lora_" in n}
+
+
+@torch.no_grad()
+def _load_lora_tensors(denoiser, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(denoiser.named_parameters())
+    missing = [n for n in tensors if n not in params]
+    if missing:
+        raise ValueError(f"checkpoint LoRA tensors do not match the model (first: {missing[:3]})")
+    for n, t in tensors.items():
+        params[n].copy_(t)
+
+
+def _export(
+    denoiser, lcfg, pipe, out_dir, base_model, skill, step, steps, n_images, partial=False, history=None
+) -> LoraAdapter:
+    adapter = adapter_from_model(denoiser, lcfg, prefix=denoiser_prefix(pipe), base_model=base_model)
+    extra = {
+        "skill": skill,
+        "steps": steps,
+        "step": step,
+        "complete": not partial,
+        "num_images": n_images,
+        "targets": sorted(lcfg.target_modules),
+        "loss_history": history or [],
+    }
+    save_adapter(adapter, out_dir, extra)
+    return adapter
+
+
+def trainable_parameter_names(denoiser) -> list[str]:
+    return [n for n, p in denoiser.named_parameters() if p.requires_grad]
+
+
+def default_steps_for_mixed(per_expert_steps: int, n_skills: int) -> int:
+    """The mixed-data baseline gets the experts' total budget (same total steps)."""
+    return int(math.ceil(per_expert_steps * n_skills))
