@@ -405,7 +405,7 @@ def run_search(
     rng = np.random.default_rng(cfg.search.seed)
     X0 = initial_population(template, cfg, rng)
     algorithm = _make_algorithm(cfg, X0)
-    from pymoo.termination.default import NoTermination  # noqa: F401  (pymoo >= 0.6)
+    from pymoo.core.termination import NoTermination
 
     algorithm.setup(_make_problem(n_var), termination=NoTermination(), seed=cfg.search.seed, verbose=False)
 
