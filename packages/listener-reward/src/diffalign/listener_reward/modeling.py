@@ -111,11 +111,15 @@ def two_token_probs(last_logits: torch.Tensor, ids: tuple[int, int]) -> torch.Te
     return torch.softmax(pair, dim=-1)
 
 
-def render_prompts(processor, messages_batch: list[list[dict]], suffix: str = "") -> list[str]:
+def render_prompts(processor, messages_batch: list[list[dict]], suffix: str | list[str] = "") -> list[str]:
+    """Chat template with the generation prompt, plus ``suffix`` (one string, or one per row)."""
+    suffixes = [suffix] * len(messages_batch) if isinstance(suffix, str) else list(suffix)
+    if len(suffixes) != len(messages_batch):
+        raise ValueError(f"got {len(suffixes)} suffixes for {len(messages_batch)} prompts")
     texts = []
-    for messages in messages_batch:
+    for messages, end in zip(messages_batch, suffixes):
         text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        texts.append(text + (" " + suffix if suffix else ""))
+        texts.append(text + (" " + end if end else ""))
     return texts
 
 
@@ -128,21 +132,49 @@ def encode(processor, texts: list[str], images: list[list], device="cpu") -> dic
 
 @torch.no_grad()
 def answer_probabilities(
-    model, processor, messages_batch, images, answer_ids, suffix: str = "", batch_size: int = 16
+    model, processor, messages_batch, images, answer_ids, suffix: str | list[str] = "", batch_size: int = 16
 ) -> torch.Tensor:
     """p(answer 1), p(answer 2) at the position after ``suffix``; one forward pass per mini-batch."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(messages_batch), batch_size):
-        texts = render_prompts(processor, messages_batch[start : start + batch_size], suffix)
+        part = suffix if isinstance(suffix, str) else suffix[start : start + batch_size]
+        texts = render_prompts(processor, messages_batch[start : start + batch_size], part)
         inputs = encode(processor, texts, images[start : start + batch_size], device)
         logits = model(**inputs).logits[:, -1, :]
         out.append(two_token_probs(logits, answer_ids).cpu())
     return torch.cat(out) if out else torch.zeros(0, 2)
 
 
+@torch.no_grad()
+def generate_completions(
+    model,
+    processor,
+    messages_batch,
+    images,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    batch_size: int = 16,
+) -> list[str]:
+    """Decode completions (special tokens skipped, as TRL does)."""
+    device = next(model.parameters()).device
+    out: list[str] = []
+    for start in range(0, len(messages_batch), batch_size):
+        texts = render_prompts(processor, messages_batch[start : start + batch_size])
+        inputs = encode(processor, texts, images[start : start + batch_size], device)
+        kwargs = {"do_sample": do_sample, "max_new_tokens": max_new_tokens}
+        if do_sample:
+            kwargs["temperature"] = temperature
+        ids = model.generate(**inputs, **kwargs)
+        new = ids[:, inputs["input_ids"].shape[1] :]
+        out.extend(processor.batch_decode(new, skip_special_tokens=True))
+    return out
+
+
 __all__ = [
     "answer_probabilities",
+    "generate_completions",
     "answer_token_ids",
     "encode",
     "load_vlm_and_processor",

@@ -32,7 +32,7 @@ MARKUP_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
 
 DEFAULT_WORDS = (
     # chat roles and template words
-    "system user assistant you are a an the judge which image is better for prompt answer 1 2 3 "
+    "system user assistant you are a an the does judge which image is better for prompt answer 1 2 3 "
     "with or based on this reasoning look at both images think then give final choice : . , ? "
     # shapes world
     "red green blue yellow circle circles square squares triangle triangles one two three "

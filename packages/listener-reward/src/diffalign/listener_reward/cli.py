@@ -1,0 +1,177 @@
+"""``diffalign listener-reward sft|train|eval|judge|build-models|serve-listener recipe.yaml``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from diffalign.core.cli import load_config_or_exit
+from diffalign.listener_reward.config import RECIPE_CONFIG
+
+app = typer.Typer(
+    name="listener-reward",
+    help="Listener-shaped GRPO for VLM image-preference judges (arXiv 2506.22832).",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+ConfigArg = typer.Argument(..., help="Recipe file (.yaml/.toml/.json)")
+SetOpt = typer.Option(None, "--set", "-s", help="Dotted override, repeatable: --set grpo.beta=0.0")
+
+
+def _cfg(path, overrides):
+    return load_config_or_exit(RECIPE_CONFIG, path, overrides or [])
+
+
+@app.command("build-models")
+def build_models(
+    recipe: Path = ConfigArg,
+    overrides: list[str] = SetOpt,
+    listener_steps: int = typer.Option(600, help="listener training steps"),
+    listener_pairs: int = typer.Option(3000, help="listener training pairs (its own seed)"),
+) -> None:
+    """Shapes world: build the reasoner initialisation and train the independent listener."""
+    from diffalign.core.config import save_config
+    from diffalign.listener_reward.modeling import shapes_models_dir
+    from diffalign.listener_reward.shapes_models import build_reasoner_init, train_listener
+
+    cfg = _cfg(recipe, overrides)
+    root = shapes_models_dir()
+    save_config(cfg, root)
+    typer.echo(f"reasoner init: {build_reasoner_init(cfg, root / 'reasoner')}")
+    typer.echo(f"listener: {train_listener(cfg, root / 'listener', listener_steps, listener_pairs)}")
+
+
+@app.command()
+def sft(recipe: Path = ConfigArg, overrides: list[str] = SetOpt) -> None:
+    """SFT warm-up of the reasoner."""
+    from diffalign.core.config import save_config
+    from diffalign.listener_reward.train import run_sft
+
+    cfg = _cfg(recipe, overrides)
+    save_config(cfg, cfg.sft.output_dir)
+    typer.echo(f"saved {run_sft(cfg)}")
+
+
+@app.command()
+def train(recipe: Path = ConfigArg, overrides: list[str] = SetOpt) -> None:
+    """GRPO with format + accuracy (+ listener) rewards, TRL GRPOTrainer; resumes from the last checkpoint."""
+    from diffalign.core.config import save_config
+    from diffalign.listener_reward.train import run_grpo
+
+    cfg = _cfg(recipe, overrides)
+    save_config(cfg, cfg.grpo.output_dir)
+    typer.echo(f"saved {run_grpo(cfg)}")
+
+
+@app.command("eval")
+def evaluate(
+    recipe: Path = ConfigArg,
+    overrides: list[str] = SetOpt,
+    checkpoint: str = typer.Option(None, help="reasoner to evaluate (default eval.checkpoint or grpo final)"),
+) -> None:
+    """Pairwise accuracy with CIs and listener-disagreement rate on every eval split."""
+    from diffalign.listener_reward.data import load_pairs
+    from diffalign.listener_reward.evaluate import evaluate_judge
+    from diffalign.listener_reward.judge import PreferenceJudge
+    from diffalign.listener_reward.modeling import load_vlm_and_processor
+    from diffalign.listener_reward.rewards import LocalListener
+
+    cfg = _cfg(recipe, overrides)
+    source = checkpoint or cfg.eval.checkpoint or str(Path(cfg.grpo.output_dir) / "final")
+    judge = PreferenceJudge.from_pretrained(
+        source,
+        cfg.prompts,
+        cfg.judge,
+        device=cfg.device,
+        min_pixels=cfg.model.min_pixels,
+        max_pixels=cfg.model.max_pixels,
+    )
+    listener_model, listener_processor = load_vlm_and_processor(
+        cfg.model.listener, cfg.model.dtype, cfg.device, cfg.model.min_pixels, cfg.model.max_pixels
+    )
+    listener = LocalListener(listener_model, listener_processor, cfg.prompts)
+    results = {"checkpoint": source}
+    for split in cfg.eval.splits:
+        pairs = load_pairs(cfg.data, split)[: cfg.eval.max_pairs]
+        results[split] = evaluate_judge(
+            judge, pairs, listener, cfg.eval.confidence, cfg.eval.bootstrap, cfg.seed
+        )
+        typer.echo(
+            f"{split}: accuracy {results[split]['accuracy']:.3f} "
+            f"contradiction {results[split].get('contradiction_rate', float('nan')):.3f}"
+        )
+    out = Path(cfg.eval.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+def judge(
+    recipe: Path = ConfigArg,
+    prompt: str = typer.Option(..., help="text-to-image prompt"),
+    image_a: Path = typer.Option(..., exists=True, dir_okay=False, help="image 1"),
+    image_b: Path = typer.Option(..., exists=True, dir_okay=False, help="image 2"),
+    checkpoint: str = typer.Option(None, help="reasoner (default eval.checkpoint or grpo final)"),
+    overrides: list[str] = SetOpt,
+) -> None:
+    """Compare two images for a prompt: prints choice, probability and reasoning as JSON."""
+    from PIL import Image
+
+    from diffalign.listener_reward.judge import PreferenceJudge
+
+    cfg = _cfg(recipe, overrides)
+    source = checkpoint or cfg.eval.checkpoint or str(Path(cfg.grpo.output_dir) / "final")
+    pj = PreferenceJudge.from_pretrained(
+        source,
+        cfg.prompts,
+        cfg.judge,
+        device=cfg.device,
+        min_pixels=cfg.model.min_pixels,
+        max_pixels=cfg.model.max_pixels,
+    )
+    result = pj.compare(prompt, Image.open(image_a).convert("RGB"), Image.open(image_b).convert("RGB"))
+    typer.echo(
+        json.dumps(
+            {
+                "choice": result.choice,
+                "probability": result.probability,
+                "p_image_a": result.p_image_a,
+                "reasoning": result.reasoning,
+            },
+            indent=2,
+        )
+    )
+
+
+@app.command("serve-listener")
+def serve(
+    recipe: Path = ConfigArg,
+    overrides: list[str] = SetOpt,
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8765),
+) -> None:
+    """Serve the frozen listener over HTTP (reward.listener_backend=http, reward.listener_url=...)."""
+    from diffalign.listener_reward.modeling import load_vlm_and_processor
+    from diffalign.listener_reward.rewards import LocalListener, serve_listener
+
+    cfg = _cfg(recipe, overrides)
+    model, processor = load_vlm_and_processor(
+        cfg.model.listener, cfg.model.dtype, cfg.device, cfg.model.min_pixels, cfg.model.max_pixels
+    )
+    server = serve_listener(
+        LocalListener(model, processor, cfg.prompts, cfg.reward.listener_batch_size), host, port
+    )
+    typer.echo(f"listener on http://{host}:{server.server_address[1]}/")
+    server.serve_forever()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Shapes-world models: a tiny reasoner initialisation, an independent tiny listener, and a single-image
+scorer baseline, all ``Qwen2_5_VLForConditionalGeneration`` built from configs with the offline word
+tokenizer (``diffalign.core.testing.vlm``), trained here on CPU.
+
+* **listener**: its own seed and its own preference pairs (never the reasoner's); trained to read
+  (prompt, images, answer-free reasoning) and put the answer token on the image the reasoning supports,
+  or, when the reasoning is empty or undecided, on the image that matches the prompt. Frozen afterwards.
+* **single-image scorer**: sees one image and answers ``yes``/``no`` to "does it match the prompt";
+  trained on the preferred (yes) / rejected (no) images of the same pairs the reasoner gets; a pair is
+  scored by comparing p(yes) of its two images.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from diffalign.listener_reward.config import ListenerRewardRecipe, PromptsConfig
+from diffalign.listener_reward.data import PairExample, make_shapes_pairs, oracle_reasoning
+from diffalign.listener_reward.modeling import answer_probabilities, answer_token_ids
+from diffalign.listener_reward.prompts import listener_messages
+from diffalign.listener_reward.train import save_vlm, train_completions
+
+TINY_SIZES = dict(
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    vision_depth=2,
+    vision_hidden_size=48,
+    vision_heads=4,
+    patch_size=4,
+)
+
+
+def new_tiny_vlm(seed: int, cfg: ListenerRewardRecipe, **overrides):
+    from diffalign.core.testing.vlm import tiny_qwen2_5_vl
+
+    sizes = {**TINY_SIZES, **overrides}
+    return tiny_qwen2_5_vl(seed, min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels, **sizes)
+
+
+def listener_items(pairs: list[PairExample], prompts: PromptsConfig, seed: int = 0) -> list[dict]:
+    """Listener training data: 50% faithful reasoning, 20% reasoning with swapped verdicts (the answer
+    follows the reasoning), 30% empty or undecided reasoning (the answer follows the images)."""
+    rng = random.Random(seed)
+    items = []
+    for pair in pairs:
+        truth = 1 if pair.faithful[0] else 2
+        u = rng.random()
+        if u < 0.5:
+            reasoning, answer = oracle_reasoning(pair.faithful), truth
+        elif u < 0.7:
+            reasoning, answer = oracle_reasoning((not pair.faithful[0], not pair.faithful[1])), 3 - truth
+        elif u < 0.85:
+            reasoning, answer = "", truth
+        else:
+            both = rng.random() < 0.5
+            reasoning, answer = oracle_reasoning((both, both)), truth
+        items.append(
+            {
+                "messages": listener_messages(pair.prompt, reasoning, prompts),
+                "images": pair.images(),
+                "completion": prompts.answer_tokens[answer - 1],
+            }
+        )
+    return items
+
+
+POINTWISE_QUESTION = "does the image match the prompt ? answer yes or no"
+
+
+def pointwise_messages(prompt: str, prompts: PromptsConfig) -> list[dict]:
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": prompts.reasoner_prefix.format(prompt=prompt)},
+                {"type": "image"},
+                {"type": "text", "text": POINTWISE_QUESTION},
+            ],
+        }
+    ]
+
+
+def pointwise_items(pairs: list[PairExample], prompts: PromptsConfig) -> list[dict]:
+    items = []
+    for pair in pairs:
+        images = pair.images()
+        for k, image in enumerate(images, start=1):
+            items.append(
+                {
+                    "messages": pointwise_messages(pair.prompt, prompts),
+                    "images": [image],
+                    "completion": "yes" if k == pair.label else "no",
+                }
+            )
+    return items
+
+
+class SingleImageScorer:
+    """Scores each image alone: p(yes) of a tiny VLM; a pair is judged by comparing the two scores."""
+
+    def __init__(self, model, processor, prompts: PromptsConfig, batch_size: int = 32):
+        self.model, self.processor, self.prompts, self.batch_size = (
+            model.eval(),
+            processor,
+            prompts,
+            batch_size,
+        )
+        self.ids = answer_token_ids(processor.tokenizer, ("yes", "no"))
+
+    def score(self, prompts: list[str], images: list) -> torch.Tensor:
+        messages = [pointwise_messages(p, self.prompts) for p in prompts]
+        probs = answer_probabilities(
+            self.model,
+            self.processor,
+            messages,
+            [[im] for im in images],
+            self.ids,
+            self.prompts.listener_answer_prefix,
+            self.batch_size,
+        )
+        return probs[:, 0]
+
+
+def train_listener(
+    cfg: ListenerRewardRecipe,
+    out_dir: str | Path,
+    steps: int,
+    num_pairs: int,
+    lr: float = 2e-3,
+    batch_size: int = 16,
+    seed: int = 1000,
+) -> Path:
+    """Train the independent listener on its own pairs and seed; save it (safetensors) to ``out_dir``."""
+    model, processor = new_tiny_vlm(seed, cfg)
+    pairs = make_shapes_pairs(num_pairs, "train", seed, cfg.data.image_size, cfg.data.annotator_noise)
+    items = listener_items(pairs, cfg.prompts, seed)
+    torch.manual_seed(seed)
+    train_completions(
+        model,
+        processor,
+        items,
+        Path(out_dir).with_name(Path(out_dir).name + "-ckpt"),
+        learning_rate=lr,
+        max_steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        suffix=cfg.prompts.listener_answer_prefix,
+        add_eos=False,
+        warmup_steps=min(20, steps // 5),
+        save_steps=max(steps // 2, 1),
+        logging_steps=max(steps // 10, 1),
+    )
+    return save_vlm(model, processor, out_dir)
+
+
+def train_single_image_scorer(
+    cfg: ListenerRewardRecipe,
+    pairs: list[PairExample],
+    out_dir: str | Path,
+    steps: int,
+    lr: float = 2e-3,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> Path:
+    model, processor = new_tiny_vlm(seed, cfg)
+    torch.manual_seed(seed)
+    train_completions(
+        model,
+        processor,
+        pointwise_items(pairs, cfg.prompts),
+        Path(out_dir).with_name(Path(out_dir).name + "-ckpt"),
+        learning_rate=lr,
+        max_steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        suffix=cfg.prompts.listener_answer_prefix,
+        add_eos=False,
+        warmup_steps=min(20, steps // 5),
+        save_steps=max(steps // 2, 1),
+        logging_steps=max(steps // 10, 1),
+    )
+    return save_vlm(model, processor, out_dir)
+
+
+def build_reasoner_init(cfg: ListenerRewardRecipe, out_dir: str | Path, seed: int | None = None) -> Path:
+    model, processor = new_tiny_vlm(cfg.seed if seed is None else seed, cfg)
+    return save_vlm(model, processor, out_dir)
+
+
+__all__ = [
+    "SingleImageScorer",
+    "build_reasoner_init",
+    "listener_items",
+    "new_tiny_vlm",
+    "pointwise_items",
+    "train_listener",
+    "train_single_image_scorer",
+]

@@ -1,0 +1,115 @@
+import pytest
+
+from diffalign.listener_reward.config import PromptsConfig
+from diffalign.listener_reward.prompts import (
+    completion_text,
+    extract_answer,
+    format_completion,
+    is_well_formed,
+    listener_messages,
+    reasoner_messages,
+    strip_answer,
+)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("<think> image 1 : match . </think> <answer> 1 </answer>", 1),
+        ("<think>x</think><answer>2</answer>", 2),
+        ("<think> a </think> <answer> Image 2 </answer>", 2),
+        ('<think> a </think> {"choice": "1"}', 1),
+        ("<answer> 1 </answer> then <answer> 2 </answer>", 2),  # last answer wins
+        ("<think> a </think> <answer> 1 or 2 </answer>", None),  # ambiguous
+        ("<think> a </think> <answer> 3 </answer>", None),
+        ("<think> unfinished", None),
+        ("", None),
+        ("1", None),  # a bare digit is not an answer
+    ],
+)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_completion_text_accepts_conversational():
+    msg = [{"role": "assistant", "content": "<think> a </think> <answer> 2 </answer>"}]
+    assert extract_answer(msg) == 2
+    assert completion_text([{"role": "assistant", "content": [{"type": "text", "text": "hi"}]}]) == "hi"
+    with pytest.raises(TypeError):
+        completion_text(3)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<think> image 1 : match . image 2 : mismatch . </think> <answer> 1 </answer>",
+        "<think> image 1 : match </think> <answer> 2 </answer> trailing",
+        '<think> x </think> {"choice": "2"}',
+        "no think block <answer> 2 </answer>",
+        "<think> unclosed reasoning <answer> 1 </answer>",
+        "<think> nested <answer> 2 </answer> inside </think>",
+        "<answer> 1 </answer>",
+        'reasoning then {"answer": 2}',
+    ],
+)
+def test_strip_answer_never_leaks_the_answer(text):
+    stripped = strip_answer(text)
+    assert "<answer>" not in stripped and "</answer>" not in stripped
+    assert extract_answer(stripped) is None
+    assert "choice" not in stripped and '"answer"' not in stripped
+
+
+def test_strip_answer_keeps_reasoning():
+    text = "<think> image 1 : match . image 2 : mismatch . </think> <answer> 2 </answer>"
+    assert strip_answer(text) == "image 1 : match . image 2 : mismatch ."
+    assert strip_answer("plain words <answer> 1 </answer>") == "plain words"
+
+
+def test_strip_answer_negative_control():
+    # a plausible wrong variant: remove only the think tags -> the answer survives; the check must catch it
+    text = "<think> r </think> <answer> 1 </answer>"
+    naive = text.replace("<think>", "").replace("</think>", "")
+    assert extract_answer(naive) == 1
+    assert extract_answer(strip_answer(text)) is None
+
+
+@pytest.mark.parametrize(
+    "text, ok",
+    [
+        ("<think> r </think> <answer> 1 </answer>", True),
+        ("  <think>r</think><answer>2</answer>\n", True),
+        ("<think> </think> <answer> 1 </answer>", False),  # empty reasoning
+        ("<think> r </think>", False),
+        ("<answer> 1 </answer>", False),
+        ("<think> r </think> <answer> 1 </answer> extra", False),
+        ("<think> a </think> <think> b </think> <answer> 1 </answer>", False),
+        ("<think> r </think> <answer> 1 </answer> <answer> 2 </answer>", False),
+        ("<think> r </think> <answer> 3 </answer>", False),
+        ('<think> r </think> {"choice": "1"}', False),
+    ],
+)
+def test_is_well_formed_tags(text, ok):
+    assert is_well_formed(text, "tags") is ok
+
+
+def test_is_well_formed_json_and_roundtrip():
+    assert is_well_formed('<think> r </think> {"choice": "2"}', "json")
+    for fmt in ("tags", "json"):
+        for k in (1, 2):
+            text = format_completion("some reasoning .", k, fmt)
+            assert is_well_formed(text, fmt) and extract_answer(text) == k
+            assert strip_answer(text) == "some reasoning ."
+    with pytest.raises(ValueError):
+        format_completion("r", 3)
+
+
+def test_messages_have_two_image_slots_and_listener_refuses_answers():
+    cfg = PromptsConfig()
+    msgs = reasoner_messages("a red circle", cfg)
+    blocks = [b for m in msgs for b in m["content"]]
+    assert sum(b["type"] == "image" for b in blocks) == 2
+    assert any("a red circle" in b.get("text", "") for b in blocks)
+    lm = listener_messages("a red circle", "image 1 : match .", cfg)
+    assert any("image 1 : match ." in b.get("text", "") for m in lm for b in m["content"])
+    with pytest.raises(ValueError, match="never see the answer"):
+        listener_messages("a red circle", "r <answer> 1 </answer>", cfg)
