@@ -119,3 +119,13 @@ def test_bad_inputs():
         dsg_score({}, [Question("1", "x")])
     with pytest.raises(ValueError, match="at least one question"):
         dsg_score([], [])
+
+
+def test_metrics_package_exports_lazily():
+    import diffalign.core.metrics as metrics
+    from diffalign.core.metrics import dsg
+
+    assert metrics.dsg_score is dsg.dsg_score
+    assert set(metrics.__all__) >= {"frechet_distance", "PickScore", "read_rapidata", "ranking_accuracy"}
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        metrics.nope  # noqa: B018
