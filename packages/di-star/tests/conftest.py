@@ -7,31 +7,7 @@ os.environ.setdefault("DIFFALIGN_NO_PROGRESS", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-def _launch_fallback() -> None:
-    """TEMPORARY: core.launch has not landed yet; a minimal stand-in so the trainer can be tested."""
-    try:
-        import diffalign.core.launch  # noqa: F401
-    except ImportError:
-        import types
+# Tiny models: one intra-op thread is fastest, and far faster on a loaded shared machine.
+import torch  # noqa: E402
 
-        import accelerate
-
-        from diffalign.core.config import Config
-
-        mod = types.ModuleType("diffalign.core.launch")
-
-        class LaunchConfig(Config):
-            launcher: str = "none"
-            num_processes: int = 1
-            mixed_precision: str = "no"
-            deepspeed: str = "none"
-            gradient_accumulation_steps: int = 1
-
-        def make_accelerator(cfg, run_dir=None):
-            return accelerate.Accelerator(mixed_precision=cfg.mixed_precision, cpu=True)
-
-        mod.LaunchConfig, mod.make_accelerator = LaunchConfig, make_accelerator
-        sys.modules["diffalign.core.launch"] = mod
-
-
-_launch_fallback()
+torch.set_num_threads(1)

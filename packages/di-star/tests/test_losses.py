@@ -71,7 +71,8 @@ def surrogate_grad(c: float, variant: str = "correct", distance="pseudo_huber"):
 @pytest.fixture(scope="module")
 def grads_c05():
     return exact_divergence_grad(0.5), {
-        v: surrogate_grad(0.5, v) for v in ("correct", "detached_dprime", "ref_in_bracket", "ref_in_bracket_flipped")
+        v: surrogate_grad(0.5, v)
+        for v in ("correct", "detached_dprime", "ref_in_bracket", "ref_in_bracket_flipped")
     }
 
 
@@ -120,7 +121,9 @@ def test_t2_kl_gradient_matches_closed_form():
     p_mean, p_cov = diffused(REF_MEAN, REF_COV)
     p_inv = torch.linalg.inv(p_cov)
     diff = p_mean - q_mean
-    kl = 0.5 * (torch.trace(p_inv @ q_cov) + diff @ p_inv @ diff - 2 + torch.logdet(p_cov) - torch.logdet(q_cov))
+    kl = 0.5 * (
+        torch.trace(p_inv @ q_cov) + diff @ p_inv @ diff - 2 + torch.logdet(p_cov) - torch.logdet(q_cov)
+    )
     kl.backward()
     exact = torch.cat([mu.grad, mat.grad.flatten()])
 
@@ -181,7 +184,9 @@ def test_t3_pseudo_huber_large_c_tends_to_half_l2():
     assert errors[2] < 1e-4 * l2.abs().max().item() + 1e-6
     # the value also tends to half L2: c * (sqrt(|y|^2 + c^2) - c) -> |y|^2 / 2
     y = torch.randn(4, 6, dtype=torch.float64)
-    torch.testing.assert_close(1e4 * L.distance_value(y, "pseudo_huber", 1e4), 0.5 * L.distance_value(y, "l2"))
+    torch.testing.assert_close(
+        1e4 * L.distance_value(y, "pseudo_huber", 1e4), 0.5 * L.distance_value(y, "l2")
+    )
     # negative control: a small c is far from the quadratic limit
     ph = L.di_star_generator_loss(ef, er, noise, sigma, 1.0, "pseudo_huber", 0.1)
     assert (0.1 * ph - 0.5 * l2).abs().max() > 0.1
@@ -198,7 +203,9 @@ def test_t3_zero_difference_gives_zero_gradient():
         p.requires_grad_(False)
     e = net(x_t)
     for dist in ("pseudo_huber", "l2"):
-        (g,) = torch.autograd.grad(L.di_star_generator_loss(e, e, noise, sigma, 1.0, dist).sum(), x0, retain_graph=True)
+        (g,) = torch.autograd.grad(
+            L.di_star_generator_loss(e, e, noise, sigma, 1.0, dist).sum(), x0, retain_graph=True
+        )
         assert g.abs().max() == 0
     # negative control: a tiny difference gives a non-zero gradient
     (g,) = torch.autograd.grad(L.di_star_generator_loss(e, 1.01 * e, noise, sigma).sum(), x0)
@@ -308,13 +315,17 @@ def test_t6_cfg_out_is_implicit_reward_gradient():
     g_out = torch.autograd.grad(kl_out.sum(), x0, retain_graph=True)[0]
     torch.testing.assert_close(g_in, g_out)
     # implicit reward alone: grad_x of (alpha-1) log p(c|x_t) is (alpha-1)(s_c - s_u) = -(alpha-1)(ec-eu)/sigma
-    g_imp = torch.autograd.grad(L.implicit_cfg_reward_loss(ec, eu, x_t, sigma, scale).sum(), x_t, retain_graph=True)[0]
+    g_imp = torch.autograd.grad(
+        L.implicit_cfg_reward_loss(ec, eu, x_t, sigma, scale).sum(), x_t, retain_graph=True
+    )[0]
     torch.testing.assert_close(g_imp, (scale - 1) * ((ec - eu) / sigma.view(3, 1, 1, 1)).detach())
     # scale 1 -> no implicit reward
     assert L.implicit_cfg_reward_loss(ec, eu, x_t, sigma, 1.0).abs().max() == 0
     # pseudo-Huber: IN and OUT are different objectives
     ph_in = L.di_star_generator_loss(ef, L.classifier_free_guidance(eu, ec, scale), noise, sigma)
-    ph_out = L.di_star_generator_loss(ef, ec, noise, sigma) + L.implicit_cfg_reward_loss(ec, eu, x_t, sigma, scale)
+    ph_out = L.di_star_generator_loss(ef, ec, noise, sigma) + L.implicit_cfg_reward_loss(
+        ec, eu, x_t, sigma, scale
+    )
     g_ph_in = torch.autograd.grad(ph_in.sum(), x0, retain_graph=True)[0]
     g_ph_out = torch.autograd.grad(ph_out.sum(), x0)[0]
     assert not torch.allclose(g_ph_in, g_ph_out, atol=1e-3)

@@ -23,8 +23,10 @@ def _changed(module, snap):
 
 
 def _make(kind="sdxl", **overrides):
-    pipe = testing.tiny_sdxl_pipeline(seed=0) if kind == "sdxl" else testing.tiny_sd_pipeline(
-        seed=0, prediction_type="v_prediction" if kind == "sd-v" else "epsilon"
+    pipe = (
+        testing.tiny_sdxl_pipeline(seed=0)
+        if kind == "sdxl"
+        else testing.tiny_sd_pipeline(seed=0, prediction_type="v_prediction" if kind == "sd-v" else "epsilon")
     )
     reward = TinyPixelReward()
     return DiStarTrainer(tiny_config(**overrides), pipe, reward, PROMPTS), pipe, reward
@@ -149,4 +151,6 @@ def test_trainer_rejects_non_differentiable_reward():
     with pytest.raises(ValueError, match="differentiable"):
         DiStarTrainer(tiny_config(), testing.tiny_sd_pipeline(), PilReward(), PROMPTS)
     with pytest.raises(ValueError, match="t_star"):
-        DiStarTrainer(tiny_config(generator={"t_star": 1000}), testing.tiny_sd_pipeline(), TinyPixelReward(), PROMPTS)
+        DiStarTrainer(
+            tiny_config(generator={"t_star": 1000}), testing.tiny_sd_pipeline(), TinyPixelReward(), PROMPTS
+        )

@@ -36,11 +36,15 @@ class ModelConfig(Config):
         description="Initial one-step generator UNet (a diffusers UNet folder, or a pipeline folder with unet/, "
         "e.g. DMD2-SDXL-1step). Default: a copy of the teacher UNet.",
     )
-    fake_init: str | None = Field(None, description="Initial fake-score UNet. Default: a copy of the teacher UNet.")
+    fake_init: str | None = Field(
+        None, description="Initial fake-score UNet. Default: a copy of the teacher UNet."
+    )
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="Dtype of the frozen parts (text encoders, VAE, reference UNet)."
     )
-    resolution: int | None = Field(None, description="Pixel resolution; default: the UNet's native sample size.")
+    resolution: int | None = Field(
+        None, description="Pixel resolution; default: the UNet's native sample size."
+    )
 
 
 class LoraConfig(Config):
@@ -67,9 +71,13 @@ class FakeScoreConfig(Config):
     lora: LoraConfig | None = None
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     updates_per_generator_step: int = Field(
-        5, ge=1, description="K_TA fake-score DSM updates per generator update (DMD2 dfake_gen_update_ratio 5)."
+        5,
+        ge=1,
+        description="K_TA fake-score DSM updates per generator update (DMD2 dfake_gen_update_ratio 5).",
     )
-    timestep_range: tuple[int, int] = Field((0, 999), description="DSM timesteps, uniform integers, inclusive.")
+    timestep_range: tuple[int, int] = Field(
+        (0, 999), description="DSM timesteps, uniform integers, inclusive."
+    )
 
 
 class LossConfig(Config):
@@ -84,12 +92,16 @@ class LossConfig(Config):
     cfg_mode: Literal["in", "out"] = Field(
         "in", description="in: CFG score is the target inside d (DI*-IN); out: implicit reward outside d."
     )
-    alpha_rew: float = Field(100.0, ge=0, description="Reward scale (DI*: 100). 0 turns the reward off (SIM).")
+    alpha_rew: float = Field(
+        100.0, ge=0, description="Reward scale (DI*: 100). 0 turns the reward off (SIM)."
+    )
     divergence_scale: float = Field(1.0, ge=0, description="Multiplier on the regulariser term.")
     timestep_range: tuple[int, int] = Field(
         (20, 980), description="Generator-loss timesteps, uniform integers, inclusive (DMD2: [0.02T, 0.98T])."
     )
-    weighting: Literal["constant", "sigma", "sigma_sq"] = Field("sigma", description="w(t) (paper: not given).")
+    weighting: Literal["constant", "sigma", "sigma_sq"] = Field(
+        "sigma", description="w(t) (paper: not given)."
+    )
 
 
 class RewardConfig(Config):
@@ -102,7 +114,8 @@ class RewardConfig(Config):
 
 class DataConfig(Config):
     prompts: str = Field(
-        "shapes", description="'shapes' (the shapes-world grammar, train split) or a text file, one prompt a line."
+        "shapes",
+        description="'shapes' (the shapes-world grammar, train split) or a text file, one prompt a line.",
     )
     skills: list[Literal["object", "count", "color", "spatial"]] = Field(
         default_factory=lambda: ["object", "count", "color", "spatial"]
@@ -140,6 +153,11 @@ class DiStarConfig(Config):
                 raise ValueError(f"{name} must satisfy 0 <= low <= high, got [{low}, {high}]")
         if self.loss.regulariser == "none" and self.loss.alpha_rew == 0:
             raise ValueError("loss.regulariser=none with loss.alpha_rew=0 leaves nothing to train")
+        if self.launch.gradient_accumulation_steps != 1:
+            raise ValueError(
+                "launch.gradient_accumulation_steps must be 1: DI* alternates two optimisers every step; "
+                "raise data.batch_size or num_processes instead"
+            )
         if not self.data.skills:
             raise ValueError("data.skills must name at least one skill")
         return self

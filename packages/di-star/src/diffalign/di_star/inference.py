@@ -65,7 +65,9 @@ def sample_one_step(
 
 def write_metadata(directory: str | Path, t_star: int, **extra: Any) -> Path:
     path = Path(directory) / METADATA_FILE
-    path.write_text(json.dumps({"method": "di-star", "t_star": int(t_star), **extra}, indent=2), encoding="utf-8")
+    path.write_text(
+        json.dumps({"method": "di-star", "t_star": int(t_star), **extra}, indent=2), encoding="utf-8"
+    )
     return path
 
 

@@ -137,7 +137,9 @@ def _check_distance(distance: str, huber_c: float) -> None:
         raise ValueError(f"unknown distance {distance!r}; expected 'pseudo_huber' or 'l2'")
 
 
-def distance_value(y: torch.Tensor, distance: Distance = "pseudo_huber", huber_c: float = 1.0) -> torch.Tensor:
+def distance_value(
+    y: torch.Tensor, distance: Distance = "pseudo_huber", huber_c: float = 1.0
+) -> torch.Tensor:
     """d(y) per sample over all non-batch dimensions: sqrt(||y||^2 + c^2) - c, or ||y||^2 for ``l2``."""
     _check_distance(distance, huber_c)
     sq = _flat_sq_norm(y)
@@ -208,7 +210,9 @@ def di_star_generator_loss(
     else:
         norm = torch.sqrt(_flat_sq_norm(diff) + (huber_c**2) * sig.flatten(1)[:, 0] ** 2)
         direction = diff / expand_like(norm, diff)
-    return torch.as_tensor(weight, dtype=eps_fake.dtype, device=eps_fake.device) * _flat_dot(direction, bracket)
+    return torch.as_tensor(weight, dtype=eps_fake.dtype, device=eps_fake.device) * _flat_dot(
+        direction, bracket
+    )
 
 
 def implicit_cfg_reward_loss(

@@ -109,7 +109,9 @@ def latent_shape(pipe: Any, resolution: int | None = None) -> tuple[int, int, in
 
 
 @torch.no_grad()
-def encode_prompts(pipe: Any, prompts: list[str], resolution: int | None = None) -> tuple[Conditioning, Conditioning]:
+def encode_prompts(
+    pipe: Any, prompts: list[str], resolution: int | None = None
+) -> tuple[Conditioning, Conditioning]:
     """Encode prompts with the pipeline's own text encoders: returns (conditional, unconditional).
 
     The unconditional branch is the pipeline's own empty-prompt encoding (SDXL: zeros when
@@ -127,7 +129,9 @@ def encode_prompts(pipe: Any, prompts: list[str], resolution: int | None = None)
         _, h, w = latent_shape(pipe, resolution)
         scale = pipe.vae_scale_factor
         size = (h * scale, w * scale)
-        time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=cond.dtype, device=device).repeat(len(prompts), 1)
+        time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=cond.dtype, device=device).repeat(
+            len(prompts), 1
+        )
         return (
             Conditioning(cond, {"text_embeds": pooled, "time_ids": time_ids}),
             Conditioning(uncond, {"text_embeds": uncond_pooled, "time_ids": time_ids}),

@@ -67,7 +67,12 @@ def _add_lora(unet: torch.nn.Module, lora: LoraConfig) -> None:
 
     unet.requires_grad_(False)
     unet.add_adapter(
-        PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.target_modules), init_lora_weights=True)
+        PeftLoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.alpha,
+            target_modules=list(lora.target_modules),
+            init_lora_weights=True,
+        )
     )
 
 
@@ -78,7 +83,9 @@ def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
 def _make_optimizer(params: list[torch.nn.Parameter], opt: OptimizerConfig) -> torch.optim.Optimizer:
     if not params:
         raise ValueError("no trainable parameters")
-    return torch.optim.AdamW(params, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay, eps=opt.eps)
+    return torch.optim.AdamW(
+        params, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay, eps=opt.eps
+    )
 
 
 @dataclass
@@ -130,7 +137,10 @@ class DiStarTrainer:
         if cfg.loss.alpha_rew > 0:
             if reward is None:
                 raise ValueError("loss.alpha_rew > 0 needs a reward model")
-            if not getattr(reward, "differentiable", False) or getattr(reward, "input_range", None) != "[-1,1]":
+            if (
+                not getattr(reward, "differentiable", False)
+                or getattr(reward, "input_range", None) != "[-1,1]"
+            ):
                 raise ValueError(
                     f"reward {getattr(reward, 'name', reward)!r} must be differentiable on [-1,1] pixel tensors "
                     "for DI*; pick a differentiable reward or set loss.alpha_rew=0"
@@ -141,7 +151,12 @@ class DiStarTrainer:
 
         # frozen parts: reference UNet, VAE, text encoders
         self.reference = pipe.unet
-        for module in (pipe.unet, pipe.vae, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)):
+        for module in (
+            pipe.unet,
+            pipe.vae,
+            getattr(pipe, "text_encoder", None),
+            getattr(pipe, "text_encoder_2", None),
+        ):
             if module is not None:
                 module.requires_grad_(False)
                 module.eval()
@@ -150,7 +165,9 @@ class DiStarTrainer:
         self.generator = (generator_unet if generator_unet is not None else copy.deepcopy(pipe.unet)).to(
             self.device, torch.float32
         )
-        self.fake = (fake_unet if fake_unet is not None else copy.deepcopy(pipe.unet)).to(self.device, torch.float32)
+        self.fake = (fake_unet if fake_unet is not None else copy.deepcopy(pipe.unet)).to(
+            self.device, torch.float32
+        )
         for net, section in ((self.generator, cfg.generator), (self.fake, cfg.fake_score)):
             net.requires_grad_(True)
             if section.lora is not None:
@@ -180,7 +197,9 @@ class DiStarTrainer:
         return cond.to(self.device, torch.float32), uncond.to(self.device, torch.float32)
 
     def randomness(self, step: int, phase: str, round_index: int, t_range: tuple[int, int]) -> StepRandomness:
-        seed = (self.cfg.seed * 1_000_003 + step * 101 + round_index * 7 + (0 if phase == "fake" else 1)) % 2**63
+        seed = (
+            self.cfg.seed * 1_000_003 + step * 101 + round_index * 7 + (0 if phase == "fake" else 1)
+        ) % 2**63
         if self.accelerator is not None:
             seed = (seed + 7919 * self.accelerator.process_index) % 2**63
         gen = torch.Generator().manual_seed(seed)
@@ -190,7 +209,10 @@ class DiStarTrainer:
         timesteps = self.schedule.sample_timesteps(b, *t_range, generator=gen)
         eps = torch.randn(b, *self.latent_shape, generator=gen)
         return StepRandomness(
-            [self.prompts[i] for i in idx], noise.to(self.device), timesteps.to(self.device), eps.to(self.device)
+            [self.prompts[i] for i in idx],
+            noise.to(self.device),
+            timesteps.to(self.device),
+            eps.to(self.device),
         )
 
     def _backward(self, loss: torch.Tensor) -> None:
@@ -211,7 +233,14 @@ class DiStarTrainer:
         rnd = self.randomness(step, "fake", round_index, self.cfg.fake_score.timestep_range)
         cond, _ = self._conditions(rnd.prompts)
         with torch.no_grad():
-            x0 = generate_x0(self.generator, rnd.noise, cond, self.schedule, self.cfg.generator.t_star, self.prediction_type)
+            x0 = generate_x0(
+                self.generator,
+                rnd.noise,
+                cond,
+                self.schedule,
+                self.cfg.generator.t_star,
+                self.prediction_type,
+            )
         alpha, sigma = self.schedule.alpha_sigma(rnd.timesteps)
         x_t = L.expand_like(alpha, x0) * x0 + L.expand_like(sigma, x0) * rnd.eps
         out = unet_output(self.fake, x_t, rnd.timesteps, cond)
@@ -230,13 +259,17 @@ class DiStarTrainer:
         """Per-term generator losses (means over the batch) with the graph to theta."""
         cfg = self.cfg.loss
         cond, uncond = self._conditions(rnd.prompts)
-        x0 = generate_x0(self.generator, rnd.noise, cond, self.schedule, self.cfg.generator.t_star, self.prediction_type)
+        x0 = generate_x0(
+            self.generator, rnd.noise, cond, self.schedule, self.cfg.generator.t_star, self.prediction_type
+        )
         terms: dict[str, torch.Tensor] = {}
         zero = x0.sum() * 0.0
         if cfg.alpha_rew > 0:
             images = decode_latents(self.pipe.vae, x0.to(self.pipe.vae.dtype)).float()
             if self.cfg.reward.resize is not None:
-                images = F.interpolate(images, size=self.cfg.reward.resize, mode="bilinear", align_corners=False)
+                images = F.interpolate(
+                    images, size=self.cfg.reward.resize, mode="bilinear", align_corners=False
+                )
             rewards = self.reward.score(images, rnd.prompts).float()
             terms["reward"] = rewards.detach().mean()
             terms["loss_reward"] = L.reward_loss(rewards, cfg.alpha_rew).mean()
@@ -263,25 +296,40 @@ class DiStarTrainer:
                 torch.cat([cond.encoder_hidden_states, uncond.encoder_hidden_states]),
                 None
                 if cond.added_cond_kwargs is None
-                else {k: torch.cat([cond.added_cond_kwargs[k], uncond.added_cond_kwargs[k]]) for k in cond.added_cond_kwargs},
+                else {
+                    k: torch.cat([cond.added_cond_kwargs[k], uncond.added_cond_kwargs[k]])
+                    for k in cond.added_cond_kwargs
+                },
             ).to(self.device, ref_dtype)
             eps_both = predict_epsilon(
-                self.reference, torch.cat([x_t, x_t]).to(ref_dtype), torch.cat([rnd.timesteps] * 2), both,
-                self.schedule, self.prediction_type,
+                self.reference,
+                torch.cat([x_t, x_t]).to(ref_dtype),
+                torch.cat([rnd.timesteps] * 2),
+                both,
+                self.schedule,
+                self.prediction_type,
             ).float()
             eps_cond, eps_uncond = eps_both.chunk(2)
         else:
             eps_cond = predict_epsilon(
-                self.reference, x_t.to(ref_dtype), rnd.timesteps, cond.to(self.device, ref_dtype), self.schedule,
+                self.reference,
+                x_t.to(ref_dtype),
+                rnd.timesteps,
+                cond.to(self.device, ref_dtype),
+                self.schedule,
                 self.prediction_type,
             ).float()
             eps_uncond = eps_cond
         weight = L.timestep_weight(alpha, sigma, cfg.weighting)
         target = (
-            L.classifier_free_guidance(eps_uncond, eps_cond, cfg.cfg_scale) if cfg.cfg_mode == "in" else eps_cond
+            L.classifier_free_guidance(eps_uncond, eps_cond, cfg.cfg_scale)
+            if cfg.cfg_mode == "in"
+            else eps_cond
         )
         if cfg.regulariser == "score":
-            div = L.di_star_generator_loss(eps_fake, target, rnd.eps, sigma, weight, cfg.distance, cfg.huber_c)
+            div = L.di_star_generator_loss(
+                eps_fake, target, rnd.eps, sigma, weight, cfg.distance, cfg.huber_c
+            )
         else:
             div = L.kl_generator_loss(eps_fake, target, x_t, sigma, weight)
         if cfg.cfg_mode == "out" and need_uncond:
@@ -307,7 +355,9 @@ class DiStarTrainer:
     def train_step(self, step: int) -> dict[str, float]:
         logs: dict[str, float] = {}
         if self.cfg.loss.regulariser != "none" and self.cfg.loss.divergence_scale > 0:
-            fake_logs = [self.fake_step(step, k) for k in range(self.cfg.fake_score.updates_per_generator_step)]
+            fake_logs = [
+                self.fake_step(step, k) for k in range(self.cfg.fake_score.updates_per_generator_step)
+            ]
             logs["loss_fake"] = sum(f["loss_fake"] for f in fake_logs) / len(fake_logs)
         logs.update(self.generator_step(step))
         return logs
@@ -391,7 +441,9 @@ def _load_models(cfg: DiStarConfig, device) -> tuple[Any, torch.nn.Module | None
     fake = load_unet(cfg.model.fake_init, dtype=torch.float32) if cfg.model.fake_init else None
     for what, net in (("generator_init", gen), ("fake_init", fake)):
         if net is not None and net.config.in_channels != pipe.unet.config.in_channels:
-            raise ValueError(f"model.{what} has {net.config.in_channels} input channels, the teacher {pipe.unet.config.in_channels}")
+            raise ValueError(
+                f"model.{what} has {net.config.in_channels} input channels, the teacher {pipe.unet.config.in_channels}"
+            )
     return pipe, gen, fake
 
 
@@ -424,6 +476,13 @@ def train(cfg: DiStarConfig, pipe: Any | None = None, reward: Any | None = None)
         start = trainer.load_state_dict(state)
     log = make_tracker(accelerator, run_dir, project="di-star")
     metrics_path = run_dir / "metrics.jsonl"
+    if accelerator.is_main_process and metrics_path.exists():  # drop lines logged after the checkpoint
+        kept = [
+            ln
+            for ln in metrics_path.read_text(encoding="utf-8").splitlines()
+            if json.loads(ln)["step"] <= start
+        ]
+        metrics_path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
     bar = progress(total=cfg.training.max_steps, initial=start, desc="di-star")
     for step in range(start, cfg.training.max_steps):
         logs = trainer.train_step(step)

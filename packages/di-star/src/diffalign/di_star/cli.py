@@ -1,0 +1,104 @@
+"""``diffalign di-star train recipe.yaml`` and ``diffalign di-star sample MODEL``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from diffalign.core.cli import ConfigArgument, RunDirOption, SetOption, load_config_or_exit
+
+app = typer.Typer(
+    name="di-star",
+    help="Diff-Instruct*: reward post-training of one-step generators with a score-divergence regulariser.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=code)
+
+
+@app.command()
+def train(
+    recipe: Path = ConfigArgument,
+    overrides: list[str] = SetOption,
+    run_dir: Path = RunDirOption,
+) -> None:
+    """Train (or resume) a one-step generator from a recipe; exports RUN_DIR/generator."""
+    from .config import DiStarConfig
+
+    if run_dir is not None:
+        overrides = [*(overrides or []), f"run_dir={run_dir}"]
+    cfg = load_config_or_exit(DiStarConfig, recipe, overrides or [])
+    from .train import train as run_training
+
+    try:
+        out = run_training(cfg)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        _fail(str(err).strip("'\""))
+    typer.echo(f"generator saved to {out}")
+
+
+@app.command()
+def sample(
+    model: str = typer.Argument(
+        ..., help="Exported DI* generator folder (RUN_DIR/generator) or any one-step model"
+    ),
+    prompts: list[str] = typer.Option(None, "--prompt", "-p", help="Prompt, repeatable"),
+    prompts_file: Path = typer.Option(None, "--prompts-file", help="Text file, one prompt a line"),
+    out: Path = typer.Option(Path("di_star_samples"), "--out", help="Output folder for PNGs and a grid"),
+    t_star: int = typer.Option(None, "--t-star", help="Generator timestep (default: from di_star.json)"),
+    seed: int = typer.Option(0, "--seed"),
+    resolution: int = typer.Option(
+        None, "--resolution", help="Pixel size (default: the model's native size)"
+    ),
+    device: str = typer.Option(None, "--device"),
+) -> None:
+    """Sample with one step: LCMScheduler, timesteps=[t*], guidance 0, in the model's own pipeline."""
+    import torch
+
+    from diffalign.core.models import load_pipeline
+    from diffalign.core.report import save_image_grid, to_pil
+
+    from .inference import read_metadata, sample_one_step, to_one_step_pipeline
+
+    texts = list(prompts or [])
+    if prompts_file is not None:
+        if not prompts_file.is_file():
+            _fail(f"prompts file not found: {prompts_file}", 2)
+        texts += [
+            line.strip() for line in prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()
+        ]
+    if not texts:
+        _fail("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE", 2)
+    if t_star is None:
+        try:
+            t_star = int(read_metadata(model)["t_star"])
+        except FileNotFoundError as err:
+            _fail(str(err), 2)
+    try:
+        pipe = load_pipeline(model, device=device)
+    except FileNotFoundError as err:
+        _fail(str(err), 2)
+    to_one_step_pipeline(pipe)
+    images = sample_one_step(
+        pipe,
+        texts,
+        t_star,
+        generator=torch.Generator().manual_seed(seed),
+        resolution=resolution,
+        output_type="pt",
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    pil = to_pil(images * 2 - 1)
+    for i, image in enumerate(pil):
+        image.save(out / f"{i:04d}.png")
+    save_image_grid(images * 2 - 1, out / "grid.png", captions=texts)
+    typer.echo(f"{len(pil)} images written to {out}")
+
+
+def main() -> None:
+    app()

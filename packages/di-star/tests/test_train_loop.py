@@ -1,0 +1,100 @@
+"""The recipe loop: checkpoints, exact resume, export, and the CLI (train / sample / bad input)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from distar_fixtures import TinyPixelReward, tiny_config
+from typer.testing import CliRunner
+
+from diffalign.core import testing
+from diffalign.core.rewards import register_reward
+from diffalign.core.training import CheckpointManager
+from diffalign.di_star.cli import app
+from diffalign.di_star.train import train
+
+register_reward("distar-test-reward", TinyPixelReward, overwrite=True)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher") / "tiny-sd-v"
+    testing.tiny_sd_pipeline(seed=0, prediction_type="v_prediction").save_pretrained(path)
+    return path
+
+
+def _final_generator(run_dir):
+    state = CheckpointManager(run_dir).load_latest()
+    return state["generator"], state["step"]
+
+
+def test_resume_ends_where_uninterrupted_run_ends(tmp_path, teacher_dir):
+    model = {"teacher": str(teacher_dir)}
+    straight = tmp_path / "straight"
+    out = train(tiny_config(straight, model=model, training={"max_steps": 3, "checkpoint_every": 1}))
+    interrupted = tmp_path / "interrupted"
+    train(tiny_config(interrupted, model=model, training={"max_steps": 2, "checkpoint_every": 1}))
+    train(tiny_config(interrupted, model=model, training={"max_steps": 3, "checkpoint_every": 1}))
+    a, step_a = _final_generator(straight)
+    b, step_b = _final_generator(interrupted)
+    assert step_a == step_b == 3
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    teacher_unet = testing.tiny_sd_pipeline(seed=0, prediction_type="v_prediction").unet.state_dict()
+    assert any(not torch.equal(a[k], teacher_unet[k]) for k in a)  # the generator moved
+    assert (out / "di_star.json").exists() and (out / "model_index.json").exists()
+    assert json.loads((out / "di_star.json").read_text())["t_star"] == 399
+    assert CheckpointManager(straight).latest_step() == 3
+    lines = [json.loads(x) for x in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [2, 3]  # log_every 10: the last step of each run is logged once
+    assert (straight / "config.yaml").exists()
+
+    # the exported generator samples through the CLI with the pipeline's own LCMScheduler
+    result = CliRunner().invoke(
+        app,
+        [
+            "sample",
+            str(out),
+            "-p",
+            "a red circle",
+            "-p",
+            "two blue squares",
+            "--out",
+            str(tmp_path / "samples"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "samples" / "0001.png").exists() and (tmp_path / "samples" / "grid.png").exists()
+
+
+def test_cli_train_bad_config_exits_2_and_writes_nothing(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    run_dir = tmp_path / "run"
+    recipe.write_text(f"run_dir: {run_dir}\nloss:\n  alpha_rew: 1.0\n  huber: 2\n")
+    result = CliRunner().invoke(app, ["train", str(recipe)])
+    assert result.exit_code == 2
+    assert "huber" in result.output
+    assert not run_dir.exists()
+    recipe.write_text(f"run_dir: {run_dir}\nloss:\n  timestep_range: [500, 100]\n")
+    result = CliRunner().invoke(app, ["train", str(recipe)])
+    assert result.exit_code == 2 and "timestep_range" in result.output
+    assert not run_dir.exists()
+
+
+def test_cli_train_missing_teacher_is_clear(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"run_dir: {tmp_path / 'run'}\nmodel:\n  teacher: {tmp_path / 'nope'}\nloss:\n  alpha_rew: 0\n"
+        "data:\n  num_prompts: 4\n"
+    )
+    result = CliRunner().invoke(app, ["train", str(recipe)])
+    assert result.exit_code == 1
+    assert "nope" in result.output
+
+
+def test_cli_sample_needs_prompts_and_metadata(tmp_path, teacher_dir):
+    result = CliRunner().invoke(app, ["sample", str(teacher_dir)])
+    assert result.exit_code == 2 and "no prompts" in result.output
+    result = CliRunner().invoke(app, ["sample", str(teacher_dir), "-p", "a red circle"])
+    assert result.exit_code == 2 and "di_star.json" in result.output
