@@ -123,7 +123,7 @@ class DiStarTrainer:
         self.device = accelerator.device if accelerator is not None else pipe.unet.device
         self.schedule = NoiseSchedule(pipe.scheduler)
         n_train = self.schedule.num_train_timesteps
-        for name, (low, high) in (
+        for name, (_low, high) in (
             ("loss.timestep_range", cfg.loss.timestep_range),
             ("fake_score.timestep_range", cfg.fake_score.timestep_range),
         ):
