@@ -115,3 +115,19 @@ def test_run_all_stages_then_resume_is_a_no_op(tmp_path, tiny_model_dir):
     meta_path.write_text(json.dumps(meta))
     res = CliRunner().invoke(app, ["merge", str(recipe)])
     assert res.exit_code == 1 and "different base models" in res.output
+
+
+def test_every_shipped_recipe_validates():
+    from pathlib import Path
+
+    from diffalign.core.config import load_config
+    from diffalign.selma.config import SelmaConfig
+
+    recipes = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+    assert {p.stem for p in recipes} >= {"shapes_unet", "sd14", "sd2", "sdxl"}
+    for path in recipes:
+        cfg = load_config(SelmaConfig, path)
+        if path.stem.startswith("sd"):
+            assert (cfg.train.rank, cfg.train.alpha, cfg.train.lr) == (128, 128.0, 3e-4)
+            assert cfg.train.targets == ["to_q", "to_k", "to_v", "to_out.0"] and cfg.train.lr_scheduler == "constant"
+            assert cfg.prompts.rouge_threshold == 0.8 and cfg.merge.weights is None

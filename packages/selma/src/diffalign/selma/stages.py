@@ -232,11 +232,17 @@ def stage_train(
 # --------------------------------------------------------------------------------------------------
 
 
+def expert_dir(cfg: SelmaConfig, name: str) -> Path:
+    step = cfg.merge.expert_step
+    base = cfg.path("experts", name)
+    return base if step is None or step == cfg.train.steps else base / f"checkpoint-{step}"
+
+
 def merged_result(cfg: SelmaConfig, method: str | None = None, experts: list[str] | None = None):
     names = experts or cfg.merge.experts or [s.name for s in cfg.skills]
     adapters = []
     for name in names:
-        path = cfg.path("experts", name)
+        path = expert_dir(cfg, name)
         try:
             adapters.append(load_adapter(path))
         except Exception as err:
@@ -306,7 +312,7 @@ def build_model(cfg: SelmaConfig, which: str, base_factory: Callable | None = No
     if which == "base":
         return pipe
     if which.startswith("expert:"):
-        load_into_pipeline(pipe, cfg.path("experts", which.split(":", 1)[1]), adapter_name="expert")
+        load_into_pipeline(pipe, expert_dir(cfg, which.split(":", 1)[1]), adapter_name="expert")
         return pipe
     if which == "mixed":
         load_into_pipeline(pipe, cfg.path("experts", MIXED), adapter_name="mixed")
