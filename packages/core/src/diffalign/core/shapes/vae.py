@@ -81,3 +81,46 @@ def train_vae(
     vae.save_pretrained(str(out_dir))
     log(f"vae saved: latent std {std:.3f} scaling_factor {1 / std:.3f} recon L1 {err:.4f}")
     return vae, {"latent_std": std, "recon_l1": err}
+
+
+def finetune_decoder(
+    vae_dir: str | Path,
+    out_dir: str | Path,
+    steps: int = 1000,
+    batch_size: int = 32,
+    lr: float = 5e-4,
+    seed: int = 1,
+    log=print,
+    progress=None,
+):
+    """Sharpen the decoder with the encoder frozen: the latent space (and so every teacher trained
+    on it) is unchanged; only the pixels drawn from latents improve."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    vae = AutoencoderKL.from_pretrained(str(vae_dir), torch_dtype=torch.float32)
+    vae.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    it = range(steps) if progress is None else progress(range(steps), total=steps, desc="vae decoder")
+    for step in it:
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * (1 - step / steps))
+        images = render_scenes([random_scene(rng) for _ in range(batch_size)], gen)
+        with torch.no_grad():
+            z = vae.encode(images).latent_dist.sample(generator=gen)
+        recon = vae.decode(z).sample
+        loss = (recon - images).abs().mean() + ((recon - images) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"decoder step {step} loss {loss.item():.4f}")
+    vae.eval()
+    vae.save_pretrained(str(out_dir))
+    return vae

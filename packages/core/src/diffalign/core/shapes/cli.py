@@ -1,0 +1,127 @@
+"""``diffalign world``: build, sample and describe the shapes world."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="The shapes world: build, sample, info.", no_args_is_help=True, add_completion=False)
+
+
+@app.command()
+def build(
+    out: Path = typer.Option(Path("runs/world"), "--out", help="Build directory (resumable)."),
+    micro: bool = typer.Option(False, "--micro", help="Tiny models and a few steps (seconds; for tests)."),
+    teachers: str = typer.Option("unet,dit", "--teachers", help="Comma-separated teachers to build."),
+    teacher_steps: int = typer.Option(None, "--teacher-steps", help="Override the teachers' step count."),
+    install: bool = typer.Option(False, "--install", help="Copy the result into the package's assets."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Rebuild the world deterministically; rerun to resume after a stop."""
+    from .build import BuildPlan, build_world, install_world
+
+    kinds = tuple(t.strip() for t in teachers.split(",") if t.strip())
+    bad = [k for k in kinds if k not in ("unet", "dit")]
+    if bad:
+        typer.echo(f"error: unknown teacher(s) {bad}; expected unet and/or dit", err=True)
+        raise typer.Exit(code=2)
+    plan = BuildPlan.micro_plan() if micro else BuildPlan()
+    if teacher_steps is not None:
+        if teacher_steps < 1:
+            typer.echo("error: --teacher-steps must be >= 1", err=True)
+            raise typer.Exit(code=2)
+        plan.teacher_steps = teacher_steps
+    build_world(out, plan, kinds, seed=seed)
+    if install:
+        typer.echo(f"installed into {install_world(out)}")
+
+
+@app.command()
+def sample(
+    prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Prompt (repeatable)."),
+    model: str = typer.Option("shapes/unet", "--model", help="shapes/unet, shapes/dit or a pipeline folder."),
+    out: Path = typer.Option(Path("shapes_samples.png"), "--out", help="PNG grid to write."),
+    n: int = typer.Option(8, "--n", help="Images per prompt."),
+    steps: int = typer.Option(50, "--steps"),
+    guidance: float = typer.Option(4.0, "--guidance"),
+    seed: int = typer.Option(0, "--seed"),
+    score: bool = typer.Option(True, "--score/--no-score", help="Print the DSG faithfulness of the samples."),
+) -> None:
+    """Sample a teacher into a PNG grid (one row per prompt)."""
+    from diffalign.core.models import resolve_model_path
+
+    from ._util import save_grid
+    from .evaluate import load_shapes_pipeline
+    from .grammar import parse_prompt
+    from .teachers import sample_pipeline
+
+    if n < 1 or steps < 1:
+        typer.echo("error: --n and --steps must be >= 1", err=True)
+        raise typer.Exit(code=2)
+    try:
+        for p in prompt:
+            parse_prompt(p)
+        path = resolve_model_path(model)
+    except (ValueError, FileNotFoundError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from None
+    pipe = load_shapes_pipeline(path)
+    prompts = [p for p in prompt for _ in range(n)]
+    images = sample_pipeline(pipe, prompts, steps=steps, guidance=guidance, seed=seed)
+    save_grid(images, out, nrow=n, upscale=4)
+    typer.echo(f"wrote {out}")
+    if score:
+        from .scoring import faithfulness
+
+        res = faithfulness(images, prompts)
+        typer.echo(f"faithfulness {res.overall:.3f} " + json.dumps(res.per_skill))
+
+
+@app.command()
+def info(as_json: bool = typer.Option(False, "--json", help="Print the raw JSON.")) -> None:
+    """Print the measured qualities of the committed world (verifier, renders, teachers)."""
+    from .scoring import ASSETS
+
+    path = ASSETS / "world_info.json"
+    if not path.exists():
+        typer.echo(f"no world info at {path}; run `diffalign world build --install`", err=True)
+        raise typer.Exit(code=1)
+    data = json.loads(path.read_text())
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    typer.echo(format_info(data))
+
+
+def format_info(data: dict) -> str:
+    lines = ["# shapes world"]
+    ver = data.get("verifier", {})
+    for k, ev in ver.items():
+        if isinstance(ev, dict):
+            accs = " ".join(
+                f"{n.replace('_accuracy', '')} {v:.3f}" for n, v in ev.items() if n.endswith("accuracy")
+            )
+            lines.append(f"verifier ({k} held-out renders): {accs}")
+    rend = data.get("renders", {})
+    for k, r in rend.items():
+        lines.append(f"{k.replace('_', ' ')}: faithfulness {r['overall']:.3f} " + _skills(r))
+    for key in sorted(k for k in data if k.startswith("teacher_")):
+        t = data[key]
+        note = f" ({t['note']})" if "note" in t else ""
+        lines.append(f"{key.replace('teacher_', 'shapes/')}{note}:")
+        for s, r in t.get("steps", {}).items():
+            lines.append(
+                f"  {s:>3} steps, CFG {t.get('guidance')}: overall {r['overall']:.3f}, skill mean "
+                f"{r['skill_mean']:.3f}, {_skills(r)}, FID {r['fid']:.1f}"
+            )
+    return "\n".join(lines)
+
+
+def _skills(r: dict) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in r.get("per_skill", {}).items())
+
+
+def main() -> None:
+    app()
