@@ -301,3 +301,32 @@ def test_imagereward_style_matches_brute_force(blip_dir):
     images.requires_grad_(True)
     scorer.score(images, PROMPTS).sum().backward()
     assert images.grad.abs().sum() > 0
+
+
+ENTRY_POINTS = {
+    "clip": "diffalign.core.metrics.scorers:make_clip",
+    "pickscore": "diffalign.core.metrics.scorers:make_pickscore",
+    "hpsv2": "diffalign.core.metrics.scorers:make_hpsv2",
+    "aesthetic": "diffalign.core.metrics.scorers:make_aesthetic",
+    "imagereward": "diffalign.core.metrics.scorers:make_imagereward",
+}
+
+
+def test_factories_work_through_the_reward_registry(clip_dir):
+    from importlib.metadata import entry_points
+
+    from diffalign.core.rewards import get_reward, register_reward, unregister_reward
+
+    register_reward("test-pickscore", make_pickscore, overwrite=True)
+    try:
+        reward = get_reward("test-pickscore", model=clip_dir)
+        assert isinstance(reward, PickScore) and reward.score(_images(), PROMPTS).shape == (3,)
+    finally:
+        unregister_reward("test-pickscore")
+    # once packages/core/pyproject.toml registers them, the entry points must name these factories
+    installed = {ep.name: ep.value for ep in entry_points(group="diffalign.rewards")}
+    for name, value in ENTRY_POINTS.items():
+        module, attr = value.split(":")
+        assert callable(getattr(__import__(module, fromlist=[attr]), attr))
+        if name in installed:
+            assert installed[name] == value
