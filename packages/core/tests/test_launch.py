@@ -355,3 +355,37 @@ def test_is_main_process_reads_rank(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     assert is_main_process()
     assert torch.distributed.is_available()
+
+
+def test_built_commands_parse_with_the_launchers_own_parsers(tmp_path):
+    from accelerate.commands.launch import launch_command_parser
+    from torch.distributed.run import get_args_parser
+
+    ds = write_deepspeed_config(tmp_path / "ds.json", LaunchConfig(deepspeed="zero3"))
+    accelerate_cfgs = [
+        LaunchConfig(launcher="accelerate", num_processes=2),
+        LaunchConfig(
+            launcher="accelerate", num_processes=4, deepspeed="zero3_offload", gradient_clipping=1.0
+        ),
+        LaunchConfig(
+            launcher="accelerate", num_processes=4, num_machines=2, main_process_ip="h", deepspeed=str(ds)
+        ),
+    ]
+    for cfg in accelerate_cfgs:
+        cmd = build_command("pkg.train", ["--config", "r.yaml"], cfg, python=PY)
+        args = launch_command_parser().parse_args(cmd[3:])
+        assert args.module and args.training_script == "pkg.train"
+        assert args.training_script_args == ["--config", "r.yaml"]
+        assert args.num_processes == cfg.num_processes and args.use_deepspeed == cfg.uses_deepspeed
+    torchrun_cfgs = [
+        LaunchConfig(launcher="torchrun", num_processes=2),
+        LaunchConfig(
+            launcher="torchrun", num_processes=4, num_machines=2, machine_rank=1, main_process_ip="h"
+        ),
+    ]
+    for cfg in torchrun_cfgs:
+        cmd = build_command("pkg.train", ["--config", "r.yaml"], cfg, python=PY)
+        args = get_args_parser().parse_args(cmd[3:])
+        assert args.module and args.training_script == "pkg.train"
+        assert args.training_script_args == ["--config", "r.yaml"]
+        assert str(args.nproc_per_node) == str(cfg.processes_per_machine)
