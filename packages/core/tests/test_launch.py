@@ -389,3 +389,56 @@ def test_built_commands_parse_with_the_launchers_own_parsers(tmp_path):
         assert args.module and args.training_script == "pkg.train"
         assert args.training_script_args == ["--config", "r.yaml"]
         assert str(args.nproc_per_node) == str(cfg.processes_per_machine)
+
+
+_ACCELERATE_DS_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    import deepspeed.comm.torch as ds_comm_torch
+    from diffalign.core.launch import LaunchConfig, make_accelerator
+
+    ds_comm_torch.build_shm_op = lambda: None  # see the ZeRO test: skip the CPU shm op build
+    torch.set_num_threads(1)
+    acc = make_accelerator(LaunchConfig(launcher="accelerate", deepspeed="zero2", gradient_clipping=0.1))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    reference = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    reference.load_state_dict(model.state_dict())
+    x = 3 * torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+    y = torch.randn(4, 2, generator=torch.Generator().manual_seed(2))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    model, opt, loader = acc.prepare(model, torch.optim.SGD(model.parameters(), lr=0.5), loader)
+    for bx, by in loader:
+        acc.backward(torch.nn.functional.mse_loss(model(bx), by))
+        opt.step()
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5)
+    torch.nn.functional.mse_loss(reference(x), y).backward()
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.1)
+    ref_opt.step()
+    got = [p.detach() for p in acc.unwrap_model(model).parameters()]
+    err = max((a - b.detach()).abs().max().item() for a, b in zip(got, reference.parameters()))
+    json.dump({"type": str(acc.distributed_type), "err": err}, open(sys.argv[1], "w"))
+    """
+)
+
+
+@pytest.mark.slow  # accelerate + DeepSpeed start-up in a subprocess: about 30 s on 2 shared cores
+@pytest.mark.timeout(600)
+def test_accelerate_launch_with_zero2_preset_on_cpu(tmp_path):
+    pytest.importorskip("deepspeed")
+    (tmp_path / "acc_ds_worker.py").write_text(_ACCELERATE_DS_WORKER)
+    result = tmp_path / "out.json"
+    launch(
+        "acc_ds_worker",
+        [str(result)],
+        LaunchConfig(launcher="accelerate", deepspeed="zero2", gradient_clipping=0.1),
+        env={
+            "PYTHONPATH": f"{tmp_path}:{':'.join(sys.path)}",
+            "DS_ACCELERATOR": "cpu",
+            "OMP_NUM_THREADS": "1",
+        },
+        cwd=tmp_path,
+    )
+    out = json.loads(result.read_text())
+    assert out["type"].endswith("DEEPSPEED") and out["err"] < 1e-6, out
