@@ -9,6 +9,11 @@ accelerate ``DeepSpeedPlugin`` arguments inside the worker and as a raw DeepSpee
 :func:`deepspeed_config`, whose ``"auto"`` fields (batch sizes, accumulation, clipping, precision)
 accelerate fills at ``prepare`` time; :func:`resolve_deepspeed_config` fills them for raw
 ``deepspeed.initialize`` use.
+
+On CPU-only machines (measured with accelerate 1.15, DeepSpeed 0.19.8): ``accelerate.debug_launcher``
+and torchrun give real multi-process gloo data parallelism; ``accelerate launch`` with DeepSpeed
+runs one process; more processes need torchrun. The multi-process ``distributed_type`` written by
+:func:`write_accelerate_config` is ``MULTI_GPU`` (GPU clusters), as accelerate expects there.
 """
 
 from __future__ import annotations
