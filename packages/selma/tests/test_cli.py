@@ -129,5 +129,8 @@ def test_every_shipped_recipe_validates():
         cfg = load_config(SelmaConfig, path)
         if path.stem.startswith("sd"):
             assert (cfg.train.rank, cfg.train.alpha, cfg.train.lr) == (128, 128.0, 3e-4)
-            assert cfg.train.targets == ["to_q", "to_k", "to_v", "to_out.0"] and cfg.train.lr_scheduler == "constant"
+            assert (
+                cfg.train.targets == ["to_q", "to_k", "to_v", "to_out.0"]
+                and cfg.train.lr_scheduler == "constant"
+            )
             assert cfg.prompts.rouge_threshold == 0.8 and cfg.merge.weights is None

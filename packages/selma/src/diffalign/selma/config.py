@@ -125,7 +125,9 @@ class TrainConfig(Config):
 class MergeConfig(Config):
     method: Literal["linear", "cat", "svd", "ties", "dare_linear", "dare_ties"] = "linear"
     experts: list[str] | None = None  # skills to merge (None = all skills of the recipe)
-    expert_step: int | None = Field(None, ge=1)  # merge experts/<skill>/checkpoint-<step> (train.adapter_steps)
+    expert_step: int | None = Field(
+        None, ge=1
+    )  # merge experts/<skill>/checkpoint-<step> (train.adapter_steps)
     weights: list[float] | None = None  # None = uniform 1/n (not 1/len(model_id) as in the official code)
     density: float = Field(0.5, gt=0, le=1)
     majority: Literal["total", "frequency"] = "total"
@@ -172,7 +174,7 @@ class SelmaConfig(Config):
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     device: str | None = None
     skills: list[SkillConfig] = Field(
-        default_factory=lambda: [SkillConfig(name=s, max_words=12) for s in SHAPES_SKILLS]
+        default_factory=lambda: [SkillConfig(name=s, max_words=16) for s in SHAPES_SKILLS]
     )
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     images: ImagesConfig = Field(default_factory=ImagesConfig)
@@ -203,7 +205,9 @@ class SelmaConfig(Config):
     def _check_merge_experts(self):
         step = self.merge.expert_step
         if step is not None and step != self.train.steps and step not in self.train.adapter_steps:
-            raise ValueError(f"merge.expert_step {step} is neither train.steps nor one of train.adapter_steps")
+            raise ValueError(
+                f"merge.expert_step {step} is neither train.steps nor one of train.adapter_steps"
+            )
         if self.merge.experts is not None:
             names = {s.name for s in self.skills}
             unknown = [e for e in self.merge.experts if e not in names]

@@ -92,7 +92,7 @@ def denoise(
     pipe, denoiser, latents, timesteps, cond: dict, crops: torch.Tensor | None = None
 ) -> torch.Tensor:
     arch = architecture_of(pipe)
-    dtype = next(denoiser.parameters()).dtype
+    dtype = next(p.dtype for n, p in denoiser.named_parameters() if "lora_" not in n)
     latents = latents.to(dtype)
     if arch == "sd":
         return denoiser(
@@ -171,7 +171,7 @@ def train_lora(
         import json
 
         meta = json.loads(meta_file.read_text())
-        if meta.get("steps") == steps and meta.get("complete"):
+        if meta.get("steps") == steps and meta.get("complete") and meta.get("rank") == tcfg.rank:
             log(f"[selma] {out_dir} already holds a finished adapter ({steps} steps); skipping")
             return out_dir
     accelerator = make_accelerator(launch, out_dir)
@@ -188,6 +188,8 @@ def train_lora(
     lcfg = make_lora_config(tcfg.rank, tcfg.alpha, tcfg.targets, tcfg.init)
     add_lora(denoiser, lcfg)
     params = [p for p in denoiser.parameters() if p.requires_grad]
+    for p in params:  # LoRA weights train in float32 even when the frozen model is half precision
+        p.data = p.data.float()
     optimizer = torch.optim.AdamW(
         params,
         lr=tcfg.lr,
@@ -215,15 +217,15 @@ def train_lora(
     start = 0
     state = ckpt.load_latest()
     if state is not None:
-        _load_lora_tensors(accelerator.unwrap_model(denoiser_p), state["lora"])
-        optimizer.load_state_dict(state["optimizer"])
-        lr_sched.load_state_dict(state["lr_scheduler"])
-        start = int(state["step"])
         if state.get("rank") != tcfg.rank or state.get("total_steps") != steps:
             raise ValueError(
                 f"checkpoint in {ckpt.dir} was made with rank {state.get('rank')} / {state.get('total_steps')} steps, "
                 f"the recipe asks for rank {tcfg.rank} / {steps} steps: use another run directory"
             )
+        _load_lora_tensors(accelerator.unwrap_model(denoiser_p), state["lora"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_sched.load_state_dict(state["lr_scheduler"])
+        start = int(state["step"])
         log(f"[selma] resuming {out_dir.name} from step {start}")
     rank, world = accelerator.process_index, accelerator.num_processes
     bar_kwargs = {} if accelerator.is_main_process else {"disable": True}

@@ -1,0 +1,59 @@
+"""Real multi-process runs (slow: each process imports torch and diffusers)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_images_match_one_process(tmp_path):
+    from diffalign.core.testing import tiny_sd_pipeline
+
+    model = tmp_path / "tiny-sd"
+    tiny_sd_pipeline().save_pretrained(model)
+    outs = {}
+    for n in (1, 2):
+        run = tmp_path / f"run{n}"
+        recipe = tmp_path / f"r{n}.yaml"
+        recipe.write_text(
+            yaml.safe_dump(
+                {
+                    "run_dir": str(run),
+                    "model": str(model),
+                    "skills": [{"name": "count"}, {"name": "color"}],
+                    "prompts": {"n_per_skill": 5},
+                    "images": {"num_inference_steps": 2, "batch_size": 2},
+                }
+            )
+        )
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "DIFFALIGN_NO_PROGRESS": "1"}
+        subprocess.run(
+            [sys.executable, "-m", "diffalign.selma.cli", "prompts", str(recipe)], check=True, env=env
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--cpu",
+            "--num_processes",
+            str(n),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "diffalign.selma.cli",
+            "images",
+            str(recipe),
+        ]
+        subprocess.run(cmd, check=True, env=env, timeout=900)
+        outs[n] = run / "images"
+    assert len(list((outs[2] / "shards").iterdir())) == 2
+    assert (outs[1] / "metadata.jsonl").read_text() == (outs[2] / "metadata.jsonl").read_text()
+    for f in sorted((outs[1] / "images").iterdir()):
+        assert f.read_bytes() == (outs[2] / "images" / f.name).read_bytes()
