@@ -113,7 +113,7 @@ def apply(
     from diffalign.core.models import load_pipeline
     from diffalign.core.report import save_image_grid
 
-    from .hooks import apply_schedule
+    from .hooks import apply_schedule, remove_schedule
     from .sampling import generate
     from .schedule import Schedule, ScheduleError
 
@@ -125,7 +125,10 @@ def apply(
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     seeds = [seed + i for i in range(len(prompts))]
-    images = generate(pipe, prompts, seeds, s.num_steps, guidance_scale, height, width, device=device)
+    try:
+        images = generate(pipe, prompts, seeds, s.num_steps, guidance_scale, height, width, device=device)
+    finally:
+        remove_schedule(pipe)
     save_image_grid(images, out, captions=list(prompts))
     typer.echo(f"wrote {out} ({s.name}, {s.num_cached()} reused sub-module evaluations)")
 
