@@ -265,7 +265,8 @@ class DiStarTrainer:
         terms: dict[str, torch.Tensor] = {}
         zero = x0.sum() * 0.0
         if cfg.alpha_rew > 0:
-            images = decode_latents(self.pipe.vae, x0.to(self.pipe.vae.dtype)).float()
+            # clamp to the displayed range, as the pipeline's own post-processing does
+            images = decode_latents(self.pipe.vae, x0.to(self.pipe.vae.dtype)).float().clamp(-1.0, 1.0)
             if self.cfg.reward.resize is not None:
                 images = F.interpolate(
                     images, size=self.cfg.reward.resize, mode="bilinear", align_corners=False

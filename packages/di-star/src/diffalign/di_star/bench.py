@@ -1,0 +1,266 @@
+"""DI* benchmark on the shapes world (held-out prompts).
+
+Compares, on the same prompts and seeds:
+  * the teacher with its own scheduler at 1 / 4 / 25 / 50 steps (CFG as the teacher is sampled);
+  * the initial one-step generator (teacher weights, LCMScheduler at t*; what training starts from);
+  * DI* (score divergence + reward), SIM-like (reward off) and DI++-like (KL regulariser + reward),
+    each trained with the same recipe and budget;
+reporting faithfulness (DSG, non-differentiable), FID (verifier features), the training reward
+(shapes-reward), diversity (mean pairwise feature distance between seeds of one prompt) and seconds per image.
+
+    python -m diffalign.di_star.bench --out bench/results/di-star.json [--quick] [--teacher shapes/unet]
+
+Training runs go to --work-dir and resume if interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .config import DiStarConfig
+
+SHAPES_RECIPE: dict[str, Any] = {
+    "seed": 0,
+    "generator": {"t_star": 399, "optimizer": {"lr": 1e-5}},
+    "fake_score": {"optimizer": {"lr": 1e-5}, "updates_per_generator_step": 2},
+    "loss": {"cfg_scale": 4.0, "alpha_rew": 100.0, "huber_c": 1.0, "weighting": "sigma"},
+    "reward": {"name": "shapes-reward"},
+    "data": {"prompts": "shapes", "num_prompts": 2000, "batch_size": 16},
+    "training": {"max_steps": 300, "checkpoint_every": 50, "log_every": 10},
+}
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "di_star": {},
+    "sim_reward_off": {"alpha_rew": 0.0},
+    "di_pp_kl": {"regulariser": "kl"},
+}
+
+IMAGE_SIZE = 32  # the shapes verifier's input size
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = json.loads(json.dumps(base))
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _to_verifier_size(images: torch.Tensor) -> torch.Tensor:
+    images = images.float().clamp(-1, 1)
+    if images.shape[-1] != IMAGE_SIZE:
+        images = F.interpolate(images, size=IMAGE_SIZE, mode="bilinear", align_corners=False)
+    return images
+
+
+def measure(images: torch.Tensor, prompts: list[str], reward, diversity_images: torch.Tensor | None) -> dict:
+    """Faithfulness, FID, reward and diversity of images in [-1, 1] for prompts."""
+    from diffalign.core.shapes import faithfulness, fid
+    from diffalign.core.shapes.scoring import features
+
+    images = _to_verifier_size(images)
+    res = faithfulness(images, prompts)
+    with torch.no_grad():
+        rew = reward.score(images, prompts).float().mean().item()
+    row = {
+        "faithfulness": float(res.overall),
+        "per_skill": {k: float(v) for k, v in res.per_skill.items()},
+        "fid": float(fid(images)) if len(prompts) >= 2 else float("nan"),
+        "reward": rew,
+    }
+    if diversity_images is not None:  # [P, S, 3, H, W]: S seeds for each of P prompts
+        p, s = diversity_images.shape[:2]
+        feats = features(_to_verifier_size(diversity_images.flatten(0, 1))).view(p, s, -1).double()
+        dists = torch.cdist(feats, feats)  # [P, S, S]
+        row["diversity"] = float(dists.sum((1, 2)).div(s * (s - 1)).mean())
+    return row
+
+
+def _timed(sample_fn, prompts: list[str], seed: int) -> tuple[torch.Tensor, float]:
+    t0 = time.perf_counter()
+    images = sample_fn(prompts, seed)
+    return images, (time.perf_counter() - t0) / len(prompts)
+
+
+def _evaluate(name, sample_fn, prompts, div_prompts, seeds, reward, log) -> dict:
+    images, sec = _timed(sample_fn, prompts, 0)
+    div = torch.stack([torch.cat([sample_fn([p], s) for s in seeds]) for p in div_prompts])
+    row = measure(images, prompts, reward, div)
+    row["seconds_per_image"] = sec
+    log(
+        f"{name:>18}: faithfulness {row['faithfulness']:.3f}  FID {row['fid']:.2f}  reward {row['reward']:.3f}  "
+        f"diversity {row['diversity']:.3f}  {sec * 1000:.1f} ms/img"
+    )
+    return row
+
+
+def _teacher_sampler(pipe, steps: int, guidance: float, resolution: int | None):
+    def sample(prompts, seed):
+        kw = {} if resolution is None else {"height": resolution, "width": resolution}
+        out = pipe(
+            prompt=list(prompts),
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="pt",
+            **kw,
+        ).images
+        return out * 2 - 1
+
+    return sample
+
+
+def _one_step_sampler(pipe, t_star: int, resolution: int | None):
+    from .inference import sample_one_step
+
+    def sample(prompts, seed):
+        out = sample_one_step(
+            pipe, list(prompts), t_star, generator=torch.Generator().manual_seed(seed), resolution=resolution
+        )
+        return out * 2 - 1
+
+    return sample
+
+
+def run(args: argparse.Namespace) -> dict:
+    from diffalign.core.models import load_pipeline
+    from diffalign.core.rewards import get_reward
+    from diffalign.core.shapes import eval_prompts
+
+    from .inference import to_one_step_pipeline
+    from .train import train
+
+    torch.manual_seed(0)
+    log = print
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    n_per_skill = args.n_per_skill or (4 if args.quick else 25)
+    steps = args.train_steps or (20 if args.quick else SHAPES_RECIPE["training"]["max_steps"])
+    prompts = eval_prompts(n_per_skill)
+    div_prompts = prompts[:: max(1, len(prompts) // (4 if args.quick else 8))][: (4 if args.quick else 8)]
+    seeds = list(range(100, 100 + (3 if args.quick else 6)))
+    reward = get_reward("shapes-reward")
+    teacher_steps = (1, 4) if args.quick else (1, 4, 25, 50)
+
+    results: dict[str, Any] = {
+        "package": "diffalign-di-star",
+        "teacher": args.teacher,
+        "quick": bool(args.quick),
+        "machine": {
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+        "prompts": {
+            "split": "heldout",
+            "n": len(prompts),
+            "diversity_prompts": len(div_prompts),
+            "seeds": seeds,
+        },
+        "teacher_guidance": args.guidance,
+        "train_steps": steps,
+        "rows": {},
+    }
+    t_start = time.perf_counter()
+    teacher = load_pipeline(args.teacher)
+    for s in teacher_steps:
+        results["rows"][f"teacher_{s}step"] = _evaluate(
+            f"teacher {s} steps",
+            _teacher_sampler(teacher, s, args.guidance, args.resolution),
+            prompts,
+            div_prompts,
+            seeds,
+            reward,
+            log,
+        )
+    base = _merge(SHAPES_RECIPE, {"model": {"teacher": args.teacher, "resolution": args.resolution}})
+    t_star = base["generator"]["t_star"]
+    init = to_one_step_pipeline(load_pipeline(args.teacher))
+    results["rows"]["init_one_step"] = _evaluate(
+        "init (1 step)",
+        _one_step_sampler(init, t_star, args.resolution),
+        prompts,
+        div_prompts,
+        seeds,
+        reward,
+        log,
+    )
+    for name, loss_override in VARIANTS.items():
+        cfg_dict = _merge(
+            base, {"run_dir": str(work / name), "loss": loss_override, "training": {"max_steps": steps}}
+        )
+        if args.reward_resize:
+            cfg_dict["reward"]["resize"] = args.reward_resize
+        cfg = DiStarConfig.model_validate(cfg_dict)
+        t0 = time.perf_counter()
+        out = train(cfg)
+        train_seconds = time.perf_counter() - t0
+        pipe = to_one_step_pipeline(load_pipeline(out))
+        row = _evaluate(
+            name, _one_step_sampler(pipe, t_star, args.resolution), prompts, div_prompts, seeds, reward, log
+        )
+        row["train_seconds"] = train_seconds
+        row["config"] = cfg.loss.model_dump(mode="json")
+        results["rows"][name] = row
+
+    rows = results["rows"]
+    ref = rows.get("teacher_50step") or rows[f"teacher_{teacher_steps[-1]}step"]
+    di = rows["di_star"]
+    results["target"] = {
+        "baseline": "teacher_50step" if "teacher_50step" in rows else f"teacher_{teacher_steps[-1]}step",
+        "faithfulness_reached": di["faithfulness"] >= ref["faithfulness"],
+        "fid_within_1.5x": di["fid"] <= 1.5 * ref["fid"],
+    }
+    init_row = rows["init_one_step"]
+    results["reward_hacking_check"] = {
+        "reward_gain_vs_init": di["reward"] - init_row["reward"],
+        "faithfulness_gain_vs_init": di["faithfulness"] - init_row["faithfulness"],
+        "diversity_ratio_vs_init": di["diversity"] / max(init_row["diversity"], 1e-12),
+        "fid_ratio_vs_init": di["fid"] / max(init_row["fid"], 1e-12),
+        "suspected": bool(
+            (di["reward"] - init_row["reward"] > 0.05 and di["faithfulness"] - init_row["faithfulness"] < 0.0)
+            or di["diversity"] < 0.5 * init_row["diversity"]
+        ),
+        "rule": "reward up while the held-out DSG faithfulness (not optimised) goes down, or diversity halves",
+    }
+    results["wall_seconds"] = time.perf_counter() - t_start
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default="bench/results/di-star.json")
+    parser.add_argument("--teacher", default="shapes/unet", help="model id or folder of the teacher pipeline")
+    parser.add_argument(
+        "--quick", action="store_true", help="few prompts, 20 training steps, 1/4-step teacher"
+    )
+    parser.add_argument("--work-dir", default="bench/work/di-star")
+    parser.add_argument("--train-steps", type=int, default=None)
+    parser.add_argument("--n-per-skill", type=int, default=None)
+    parser.add_argument("--guidance", type=float, default=4.0, help="teacher CFG scale when sampling it")
+    parser.add_argument("--resolution", type=int, default=None)
+    parser.add_argument(
+        "--reward-resize", type=int, default=None, help="resize decoded pixels for the reward"
+    )
+    args = parser.parse_args(argv)
+    results = run(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2), encoding="utf-8")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
