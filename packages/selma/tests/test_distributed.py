@@ -57,3 +57,67 @@ def test_two_process_accelerate_images_match_one_process(tmp_path):
     assert (outs[1] / "metadata.jsonl").read_text() == (outs[2] / "metadata.jsonl").read_text()
     for f in sorted((outs[1] / "images").iterdir()):
         assert f.read_bytes() == (outs[2] / "images" / f.name).read_bytes()
+
+
+@pytest.mark.slow
+def test_bench_smoke_on_a_tiny_model(tmp_path):
+    import json
+
+    from diffalign.core.rewards import register_reward
+    from diffalign.core.testing import tiny_sd_pipeline
+    from diffalign.selma import bench
+
+    class Mean:
+        name, differentiable, input_range = "selma-smoke-mean", False, "[-1,1]"
+
+        def score(self, images, prompts):
+            return images.mean(dim=(1, 2, 3))
+
+    register_reward("selma-smoke-mean", lambda **kw: Mean(), overwrite=True)
+    model = tmp_path / "tiny-sd"
+    tiny_sd_pipeline().save_pretrained(model)
+    out = tmp_path / "selma.json"
+    bench.main(
+        [
+            "--quick",
+            "--model",
+            str(model),
+            "--faithfulness",
+            "none",
+            "--reward",
+            "selma-smoke-mean",
+            "--skills",
+            "count",
+            "color",
+            "--run-dir",
+            str(tmp_path / "b"),
+            "--out",
+            str(out),
+            "--sample-steps",
+            "2",
+            "--weak-steps",
+            "1",
+            "--prompts-per-skill",
+            "4",
+            "--images-per-prompt",
+            "1",
+            "--train-steps",
+            "2",
+            "--eval-per-skill",
+            "2",
+        ]
+    )
+    res = json.loads(out.read_text())
+    assert set(res["results"]) == {
+        "base",
+        "mixed",
+        "expert:count",
+        "expert:color",
+        "merged:linear",
+        "merged:ties",
+        "merged:dare_linear",
+    }
+    assert res["weak_to_strong"]["merged_linear"]["rewards"]["selma-smoke-mean"]["per_skill"].keys() == {
+        "count",
+        "color",
+    }

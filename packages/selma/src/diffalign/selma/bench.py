@@ -32,7 +32,7 @@ def bench_config(args, run_dir: Path, weak: bool = False) -> SelmaConfig:
         "num_inference_steps": args.weak_steps if weak else args.sample_steps,
         "guidance_scale": args.guidance,
         "batch_size": 32,
-        "images_per_prompt": 2 if quick else 8,
+        "images_per_prompt": args.images_per_prompt or (2 if quick else 8),
     }
     if weak and args.weak_model:
         images = {**images, "generator": args.weak_model, "num_inference_steps": args.sample_steps}
@@ -43,21 +43,25 @@ def bench_config(args, run_dir: Path, weak: bool = False) -> SelmaConfig:
             "model": args.model,
             "skills": [{"name": s, "max_words": 16} for s in args.skills],
             # at Rouge-L 0.8 the grammar has ~29 distinct 'object' prompts: more data comes from images per prompt
-            "prompts": {"backend": "template", "n_per_skill": 24, "rouge_threshold": 0.8},
+            "prompts": {
+                "backend": "template",
+                "n_per_skill": args.prompts_per_skill or 24,
+                "rouge_threshold": 0.8,
+            },
             "images": images,
             "train": {
                 "rank": 8 if quick else 16,
                 "alpha": 8 if quick else 16,
                 "lr": 3e-4,
                 "batch_size": 16,
-                "steps": 40 if quick else 300,
+                "steps": args.train_steps or (40 if quick else 300),
                 "checkpoint_every": 50,
                 "random_flip": False,
                 "center_crop": True,
             },
             "merge": {"method": "linear", "density": 0.5, "export": "lora"},
             "eval": {
-                "n_per_skill": 12 if quick else 50,
+                "n_per_skill": args.eval_per_skill or (12 if quick else 50),
                 "faithfulness": args.faithfulness,
                 "rewards": list(args.reward or []),
                 "num_inference_steps": args.sample_steps,
@@ -118,6 +122,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--faithfulness", choices=["shapes", "none"], default="shapes")
     ap.add_argument("--no-fid", action="store_true")
     ap.add_argument("--reward", action="append", help="also score with this registered reward")
+    ap.add_argument("--prompts-per-skill", type=int, default=None)
+    ap.add_argument("--images-per-prompt", type=int, default=None)
+    ap.add_argument(
+        "--train-steps", type=int, default=None, help="steps per expert (the mixed LoRA gets their sum)"
+    )
+    ap.add_argument("--eval-per-skill", type=int, default=None)
     args = ap.parse_args(argv)
 
     t0 = time.time()

@@ -74,10 +74,13 @@ def score_images(
             per_skill[s] = float(res.overall)
         overall = faithfulness_fn(images, prompts)
         result["faithfulness"] = {
-            "overall": float(overall.overall),
+            "overall": float(overall.overall),  # DSG-style: micro-average over all questions
             "skill_mean": sum(per_skill.values()) / len(per_skill),
             "per_skill": per_skill,
         }
+        per_prompt = getattr(overall, "per_prompt", None)
+        if per_prompt:  # TIFA-style: score of each caption, then the mean over captions
+            result["faithfulness"]["caption_mean"] = float(sum(per_prompt) / len(per_prompt))
     for name, reward in (rewards or {}).items():
         imgs = images if getattr(reward, "input_range", "[-1,1]") != "pil" else _to_pil(images)
         vals = reward.score(imgs, prompts).float().cpu()
