@@ -1,5 +1,7 @@
 """Tiny models built from configs, for tests and architecture coverage. Nothing is downloaded.
 
+Models are returned in eval mode (no dropout), so sampling is deterministic; call ``.train()`` to train.
+
 Every factory is seeded, so two calls return identical weights. Pipelines sample 16x16 RGB images from
 8x8x4 latents in a fraction of a second on a CPU.
 """

@@ -176,7 +176,7 @@ def tiny_unet(seed: int = 0, cross_attention_dim: int = TEXT_HIDDEN):
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=8,
         norm_num_groups=8,
-    )
+    ).eval()
 
 
 def tiny_sdxl_unet(seed: int = 0):
@@ -200,7 +200,7 @@ def tiny_sdxl_unet(seed: int = 0):
         projection_class_embeddings_input_dim=6 * 8 + TEXT_HIDDEN,
         cross_attention_dim=2 * TEXT_HIDDEN,
         norm_num_groups=8,
-    )
+    ).eval()
 
 
 def tiny_pixart_transformer(seed: int = 0, caption_channels: int = TEXT_HIDDEN):
@@ -221,7 +221,7 @@ def tiny_pixart_transformer(seed: int = 0, caption_channels: int = TEXT_HIDDEN):
         norm_type="ada_norm_single",
         use_additional_conditions=False,
         norm_num_groups=8,
-    )
+    ).eval()
 
 
 def tiny_dit_transformer(seed: int = 0):
@@ -238,7 +238,7 @@ def tiny_dit_transformer(seed: int = 0):
         sample_size=8,
         patch_size=2,
         num_embeds_ada_norm=10,
-    )
+    ).eval()
 
 
 def tiny_flux_transformer(seed: int = 0):
@@ -256,7 +256,7 @@ def tiny_flux_transformer(seed: int = 0):
         joint_attention_dim=TEXT_HIDDEN,
         pooled_projection_dim=TEXT_HIDDEN,
         axes_dims_rope=[4, 4, 8],
-    )
+    ).eval()
 
 
 def _scheduler_ddim(prediction_type: str = "epsilon"):
