@@ -76,12 +76,17 @@ class CompletionCollator:
         tok.padding_side = "right"
         try:
             batch = self.processor(text=fulls, images=images, return_tensors="pt", padding=True)
-            prompt_lens = [
-                len(self.processor(text=[p], images=[imgs], return_tensors="pt")["input_ids"][0])
-                for p, imgs in zip(prompts, images)
-            ]
         finally:
             tok.padding_side = old_side
+        # prompt length = its unexpanded tokens + the extra image-pad tokens of its images
+        merge = getattr(self.processor.image_processor, "merge_size", 1) ** 2
+        per_image = (batch["image_grid_thw"].prod(-1) // merge).tolist() if "image_grid_thw" in batch else []
+        prompt_lens, cursor = [], 0
+        for text, imgs in zip(prompts, images):
+            n_text = len(tok(text, add_special_tokens=False)["input_ids"])
+            extra = sum(per_image[cursor : cursor + len(imgs)]) - len(imgs)
+            cursor += len(imgs)
+            prompt_lens.append(n_text + extra)
         labels = batch["input_ids"].clone()
         labels[batch["attention_mask"] == 0] = -100
         for row, n in enumerate(prompt_lens):

@@ -1,0 +1,53 @@
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from diffalign.core.config import ConfigError, load_config
+from diffalign.listener_reward.cli import app
+from diffalign.listener_reward.config import RECIPE_CONFIG
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_recipes_validate(recipe):
+    cfg = load_config(RECIPE_CONFIG, recipe)
+    assert (cfg.reward.format_weight, cfg.reward.accuracy_weight, cfg.reward.listener_weight) == (
+        1.0,
+        0.5,
+        0.5,
+    )
+
+
+def test_config_errors_are_specific():
+    with pytest.raises(ConfigError, match="bogus"):
+        load_config(RECIPE_CONFIG, None, ["grpo.bogus=1"])
+    with pytest.raises(ConfigError, match="listener_url"):
+        load_config(RECIPE_CONFIG, None, ["reward.listener_backend=http"])
+    with pytest.raises(ConfigError, match="divide"):
+        load_config(RECIPE_CONFIG, None, ["grpo.num_generations=3", "grpo.per_device_batch_size=8"])
+    with pytest.raises(ConfigError, match="prompt"):
+        load_config(RECIPE_CONFIG, None, ["prompts.reasoner_prefix=no placeholder"])
+
+
+def test_cli_help_and_bad_config_writes_nothing(tmp_path, monkeypatch):
+    runner = CliRunner()
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("sft", "train", "eval", "judge", "build-models"):
+        assert command in result.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grpo:\n  nonsense: 1\n")
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["train", str(bad)])
+    assert result.exit_code == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+def test_missing_shapes_model_error_names_the_fix(tmp_path, monkeypatch):
+    from diffalign.listener_reward.modeling import resolve_source
+
+    monkeypatch.setenv("DIFFALIGN_LISTENER_SHAPES_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="build-models"):
+        resolve_source("shapes/listener")

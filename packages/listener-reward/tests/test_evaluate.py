@@ -1,0 +1,88 @@
+import itertools
+
+import numpy as np
+import pytest
+
+from diffalign.listener_reward.evaluate import (
+    bootstrap_ci,
+    inversion_score,
+    mean_inversion_score,
+    pairwise_accuracy,
+    pairwise_correct,
+    scores_to_ranks,
+    vote_accuracy,
+    wilson_interval,
+)
+
+
+def test_pairwise_accuracy_imagereward_tie_rule():
+    a = [0.9, 0.2, 0.5, 0.7]
+    b = [0.1, 0.8, 0.5, 0.3]
+    labels = [1, 2, 1, 2]
+    assert pairwise_correct(a, b, labels).tolist() == [1, 1, 0, 0]
+    assert pairwise_accuracy(a, b, labels) == 0.5
+    # negative control: counting a tie as half-correct gives a different number
+    half = np.mean([1, 1, 0.5, 0])
+    assert pairwise_accuracy(a, b, labels) != half
+    with pytest.raises(ValueError):
+        pairwise_correct([1], [0], [0])
+
+
+def _brute_inversions(pred, human):
+    n = len(pred)
+    bad = sum(
+        1
+        for i, j in itertools.combinations(range(n), 2)
+        if (pred[i] < pred[j] and human[i] > human[j]) or (pred[i] > pred[j] and human[i] < human[j])
+    )
+    return 1 - bad / (n * (n - 1) / 2)
+
+
+def test_inversion_score_against_brute_force():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n = int(rng.integers(2, 7))
+        pred = rng.integers(0, 4, n).tolist()
+        human = rng.integers(0, 4, n).tolist()
+        assert inversion_score(pred, human) == pytest.approx(_brute_inversions(pred, human))
+    assert inversion_score([0, 1, 2], [0, 1, 2]) == 1.0
+    assert inversion_score([2, 1, 0], [0, 1, 2]) == 0.0
+    # negative control: Kendall-style counting of ties as half inversions differs when ties exist
+    assert inversion_score([0, 0, 1], [0, 1, 2]) == pytest.approx(1.0)
+
+
+def test_mean_inversion_score_uses_higher_score_is_better():
+    scores = [[0.9, 0.5, 0.1], [0.1, 0.5, 0.9]]
+    human_ranks = [[0, 1, 2], [0, 1, 2]]  # lower rank = better
+    assert scores_to_ranks([0.9, 0.5, 0.1]) == [0, 1, 2]
+    assert mean_inversion_score(scores, human_ranks) == pytest.approx(0.5)
+
+
+def test_vote_accuracy():
+    p = [0.8, 0.3, 0.6, 0.5]
+    v1 = [7, 2, 5, 9]
+    v2 = [3, 8, 5, 1]  # third pair is a vote tie -> dropped; fourth: model tie -> wrong
+    out = vote_accuracy(p, v1, v2)
+    assert out["n_pairs"] == 3
+    assert out["accuracy"] == pytest.approx(2 / 3)
+    # vote-weighted: agreeing votes 7 + 8 + 5 (pair 3 chooses image 1) + 0 over all 40 votes
+    assert out["vote_weighted"] == pytest.approx(20 / 40)
+
+
+def test_wilson_interval_reference_values():
+    lo, hi = wilson_interval(50, 100, 0.95)
+    assert (lo, hi) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+    lo, hi = wilson_interval(0, 10)
+    assert lo == pytest.approx(0.0, abs=1e-12) and hi == pytest.approx(0.2775, abs=1e-4)
+    assert np.isnan(wilson_interval(0, 0)[0])
+
+
+def test_bootstrap_ci_contains_mean_and_shrinks():
+    rng = np.random.default_rng(1)
+    small = rng.integers(0, 2, 50)
+    large = rng.integers(0, 2, 5000)
+    lo, hi = bootstrap_ci(small, 500, seed=0)
+    assert lo <= small.mean() <= hi
+    lo2, hi2 = bootstrap_ci(large, 500, seed=0)
+    assert hi2 - lo2 < hi - lo
+    assert bootstrap_ci(small, 200, seed=3) == bootstrap_ci(small, 200, seed=3)
