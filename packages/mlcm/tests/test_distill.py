@@ -1,0 +1,112 @@
+import torch
+
+from diffalign.mlcm.distill import (
+    draw_segment_pairs,
+    inter_segment_loss,
+    mds_num_steps,
+    mlcd_loss,
+    student_sample,
+    teacher_trajectory,
+)
+from diffalign.mlcm.schedule import NoiseSchedule, milestone_grid, segment_map
+
+
+def test_segment_pairs_stay_inside_their_segment():
+    m = milestone_grid(8)
+    gen = torch.Generator().manual_seed(0)
+    p = draw_segment_pairs(4000, m, 20, gen)
+    mt = torch.tensor(m)
+    upper, lower = mt[p.segment], mt[p.segment + 1]
+    assert torch.equal(p.boundary, lower)
+    assert ((p.t_upper > lower) & (p.t_upper <= upper)).all()
+    assert torch.equal(p.t_lower, torch.maximum(p.t_upper - 20, lower))
+    # every segment and both the crossing and the interior case occur
+    assert set(p.segment.tolist()) == set(range(8))
+    assert (p.t_lower == p.boundary).any() and (p.t_lower > p.boundary).any()
+    per_batch = draw_segment_pairs(16, m, 20, gen, per_sample=False)
+    assert len(set(per_batch.segment.tolist())) == 1
+
+
+def test_mds_steps_are_M_minus_s():
+    m = milestone_grid(8)
+    t = torch.tensor([998, 875, 874, 750, 500, 126, 1])
+    # ascending segment index s (0 = lowest segment) -> L = M - s
+    s_asc = torch.tensor([7, 7, 6, 6, 4, 1, 0])
+    assert torch.equal(mds_num_steps(t, 1000, 8), 8 - s_asc)
+    assert mds_num_steps(torch.tensor([999]), 1000, 8).item() == 1
+    del m
+
+
+def test_teacher_trajectory_takes_equal_steps_per_sample():
+    sched = NoiseSchedule.scaled_linear()
+    calls = []
+
+    def fn(z, t):
+        calls.append(t.clone())
+        return torch.zeros_like(z)
+
+    noise = torch.randn(2, 3)
+    teacher_trajectory(fn, noise, torch.tensor([599, 199]), sched, "epsilon", torch.tensor([2, 4]))
+    assert len(calls) == 4
+    starts = torch.stack(calls)
+    assert starts[:, 0].tolist() == [999, 799, 599, 599]  # two steps of 200, then idle
+    assert starts[:, 1].tolist() == [999, 799, 599, 399]  # four steps of 200
+
+
+def _point_mass_fn(sched, x_star):
+    """Exact denoiser for data concentrated on x_star: eps = (z - alpha x*) / sigma."""
+
+    def fn(z, t):
+        a, s = sched.alpha_sigma(t, z)
+        return (z - a * x_star) / s
+
+    return fn
+
+
+def test_exact_consistent_student_has_zero_mlcd_loss_and_detached_target():
+    sched = NoiseSchedule.scaled_linear()
+    x_star = torch.tensor([[1.5, -0.5]])
+    exact = _point_mass_fn(sched, x_star)
+    gen = torch.Generator().manual_seed(0)
+    m = milestone_grid(8)
+    pairs = draw_segment_pairs(64, m, 20, gen)
+    noise = torch.randn(64, 2, generator=gen)
+    a, s = sched.alpha_sigma(pairs.t_upper, noise)
+    z_up = a * x_star + s * noise
+    w = torch.zeros(1, requires_grad=True)
+
+    def student(z, t):
+        return exact(z, t) + w * 0.0
+
+    out = mlcd_loss(student, exact, z_up, pairs, sched, "epsilon")
+    assert out.loss.item() < 1e-8
+    assert out.target.grad_fn is None and out.prediction.grad_fn is not None
+    # negative control: a biased student is penalised
+    biased = lambda z, t: exact(z, t) + 0.3  # noqa: E731
+    assert mlcd_loss(biased, exact, z_up, pairs, sched, "epsilon").loss.item() > 1e-3
+
+
+def test_student_sampler_exact_on_point_mass_and_inter_segment_zero():
+    sched = NoiseSchedule.scaled_linear()
+    x_star = torch.tensor([[0.7, 0.2]])
+    exact = _point_mass_fn(sched, x_star)
+    noise = torch.randn(8, 2)
+    for sampler in ("deterministic", "renoise"):
+        x0 = student_sample(exact, noise, [999, 499], sched, "epsilon", sampler)
+        torch.testing.assert_close(x0, x_star.expand(8, 2), atol=1e-4, rtol=1e-4)
+    out = inter_segment_loss(exact, exact, x_star.expand(8, 2), milestone_grid(8), sched, "epsilon", 3)
+    assert out.loss.item() < 1e-8
+
+
+def test_segment_map_of_point_mass_is_on_the_exact_trajectory():
+    sched = NoiseSchedule.scaled_linear()
+    x_star = torch.tensor([[1.0, 2.0]])
+    exact = _point_mass_fn(sched, x_star)
+    eps = torch.randn(5, 2)
+    t, s = torch.full((5,), 800), torch.full((5,), 749)
+    a_t, s_t = sched.alpha_sigma(t, eps)
+    a_s, s_s = sched.alpha_sigma(s, eps)
+    z_t = a_t * x_star + s_t * eps
+    torch.testing.assert_close(
+        segment_map(exact(z_t, t), z_t, t, s, sched, "epsilon"), a_s * x_star + s_s * eps
+    )
