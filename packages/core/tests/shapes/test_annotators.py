@@ -6,7 +6,7 @@ from diffalign.core.shapes.annotators import annotator_agreement, make_preferenc
 
 def test_two_simulated_annotators_agree_65_to_75_percent():
     for split in ("in_distribution", "ood"):
-        agree = annotator_agreement(3000, split, seed=2)
+        agree = annotator_agreement(2000, split, seed=2)
         assert 0.65 <= agree <= 0.75, (split, agree)
 
 

@@ -115,3 +115,19 @@ def test_soft_scores_equal_hard_scores_on_one_hot_scenes():
     soft = soft_scores(p, prompts).tolist()
     assert soft == pytest.approx(hard)
     assert hard == pytest.approx([1.0, 0.8, 0.4])
+
+
+def test_plain_python_scene_scores_match_the_tensor_path():
+    import random
+
+    from diffalign.core.shapes.grammar import sample_specs
+    from diffalign.core.shapes.questions import scene_scores
+    from diffalign.core.shapes.render import random_scene
+
+    rng = random.Random(0)
+    specs = sample_specs("all", 150, "train", rng)
+    scenes = [random_scene(rng) for _ in specs]
+    prompts = [p for _, p in specs]
+    assert scene_scores(scenes, prompts) == pytest.approx(
+        score_parsed(scene_to_probs(scenes), prompts).per_prompt
+    )

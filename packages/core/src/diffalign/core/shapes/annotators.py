@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .grammar import KINDS, sample_specs
-from .questions import scene_to_probs, score_parsed
+from .questions import scene_scores
 from .render import GRID, render_scenes, scene_for_spec
 
 QUALITY_WEIGHT = 0.5
@@ -129,7 +129,9 @@ def annotator_votes(u_a: torch.Tensor, u_b: torch.Tensor, n_annotators: int, gen
     return draws.sum(1)
 
 
-def make_preference_pairs(n: int, split: str = "in_distribution", seed: int = 0, n_annotators: int = 3):
+def make_preference_pairs(
+    n: int, split: str = "in_distribution", seed: int = 0, n_annotators: int = 3, with_images: bool = True
+):
     """n pairs with labels from ``n_annotators`` simulated annotators (majority, odd count: no ties)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
@@ -151,10 +153,13 @@ def make_preference_pairs(n: int, split: str = "in_distribution", seed: int = 0,
     scale = 0.15 if split == "ood" else 0.0
     imgs, util = {}, {}
     for side in ("a", "b"):
-        clean = render_scenes(scenes[side], gen, scale_jitter=scale)
         level = torch.rand(n, generator=gen) ** 1.5
-        imgs[side] = degrade(clean, level, gen, split)
-        faith = torch.tensor(score_parsed(scene_to_probs(scenes[side]), prompts).per_prompt)
+        if with_images:
+            clean = render_scenes(scenes[side], gen, scale_jitter=scale)
+            imgs[side] = degrade(clean, level, gen, split)
+        else:
+            imgs[side] = torch.empty(n, 0)
+        faith = torch.tensor(scene_scores(scenes[side], prompts))
         util[side] = faith + QUALITY_WEIGHT * (1 - level)
     votes_a = annotator_votes(util["a"], util["b"], n_annotators, gen)
     votes_b = n_annotators - votes_a
@@ -166,7 +171,7 @@ def make_preference_pairs(n: int, split: str = "in_distribution", seed: int = 0,
 
 def annotator_agreement(n: int = 4000, split: str = "in_distribution", seed: int = 1) -> float:
     """Fraction of pairs on which two independent simulated annotators agree."""
-    pairs = make_preference_pairs(n, split, seed, n_annotators=1)
+    pairs = make_preference_pairs(n, split, seed, n_annotators=1, with_images=False)
     gen = torch.Generator().manual_seed(seed + 1)
     other = annotator_votes(pairs.utility_a, pairs.utility_b, 1, gen)
     return float((other == pairs.votes_a).float().mean())

@@ -29,7 +29,8 @@ from ._util import write_json
 @dataclass
 class BuildPlan:
     vae_steps: int = 500
-    verifier_steps: int = 1500
+    decoder_steps: int = 1500
+    verifier_steps: int = 800
     teacher_steps: int = 30000
     eval_per_skill: int = 25
     eval_steps: tuple[int, ...] = (50, 4)
@@ -38,7 +39,13 @@ class BuildPlan:
     @classmethod
     def micro_plan(cls) -> BuildPlan:
         return cls(
-            vae_steps=3, verifier_steps=3, teacher_steps=2, eval_per_skill=1, eval_steps=(2,), micro=True
+            vae_steps=3,
+            decoder_steps=2,
+            verifier_steps=3,
+            teacher_steps=2,
+            eval_per_skill=1,
+            eval_steps=(2,),
+            micro=True,
         )
 
 
@@ -68,7 +75,7 @@ def build_world(
     from .scoring import compute_reference_stats, save_reference_stats
     from .teachers import TeacherConfig, export_teacher, train_teacher
     from .tokenizer import save_tokenizer
-    from .vae import train_vae
+    from .vae import finetune_decoder, train_vae
     from .verifier import evaluate_verifier, load_verifier, save_verifier, train_verifier
 
     plan = plan or BuildPlan()
@@ -86,11 +93,24 @@ def build_world(
 
     vae_dir = out / "vae"
     if not (vae_dir / "config.json").exists():
-        _, vae_info = train_vae(
-            out / "vae.tmp", steps=plan.vae_steps, seed=seed, micro=plan.micro, log=log, progress=progress
+        if not (out / "vae_base" / "config.json").exists():
+            train_vae(
+                out / "vae.tmp", steps=plan.vae_steps, seed=seed, micro=plan.micro, log=log, progress=progress
+            )
+            shutil.rmtree(out / "vae_base", ignore_errors=True)
+            (out / "vae.tmp").rename(out / "vae_base")
+        # sharpen the decoder with the encoder frozen (the latent space is unchanged)
+        finetune_decoder(
+            out / "vae_base",
+            out / "vae.tmp",
+            steps=plan.decoder_steps,
+            seed=seed + 1,
+            log=log,
+            progress=progress,
         )
         shutil.rmtree(vae_dir, ignore_errors=True)
         (out / "vae.tmp").rename(vae_dir)
+        vae_info = {"recon_l1": _recon_l1(vae_dir)}
         write_json(vae_info, out / "vae_info.json")
 
     ver_path = out / "verifier.safetensors"
@@ -159,6 +179,20 @@ def build_world(
         write_json(info, info_path)
     write_json(info, info_path)
     return info
+
+
+def _recon_l1(vae_dir: Path, n: int = 128) -> float:
+    import random
+
+    from .render import random_scene, render_scenes
+    from .teachers import load_vae
+
+    vae = load_vae(vae_dir)
+    rng = random.Random(4242)
+    x = render_scenes([random_scene(rng) for _ in range(n)], 4242)
+    with torch.no_grad():
+        r = vae.decode(vae.encode(x).latent_dist.mode()).sample
+    return float((r - x).abs().mean())
 
 
 def install_world(build_dir: str | Path, assets_dir: str | Path | None = None) -> Path:

@@ -38,6 +38,45 @@ def build(
         typer.echo(f"installed into {install_world(out)}")
 
 
+@app.command("export-teacher")
+def export_teacher_cmd(
+    kind: str = typer.Option(..., "--kind", help="unet or dit"),
+    run_dir: Path = typer.Option(..., "--run-dir", help="Teacher training run (with checkpoints/)."),
+    vae: Path = typer.Option(..., "--vae", help="VAE folder (the build's vae/)."),
+    tokenizer: Path = typer.Option(..., "--tokenizer", help="Tokenizer folder (the build's tokenizer/)."),
+    out: Path = typer.Option(..., "--out", help="Pipeline folder to write."),
+    evaluate: bool = typer.Option(False, "--evaluate", help="Measure it and update world_info.json."),
+    info_path: Path = typer.Option(None, "--info", help="world_info.json to update (default: assets)."),
+    n_per_skill: int = typer.Option(25, "--n-per-skill"),
+    note: str = typer.Option("", "--note", help="Free text stored with the numbers (e.g. the step)."),
+) -> None:
+    """Export the EMA weights of a teacher run's latest checkpoint (and optionally measure them)."""
+    from .teachers import TEACHERS, export_from_checkpoint
+
+    if kind not in TEACHERS:
+        typer.echo(f"error: --kind must be one of {TEACHERS}", err=True)
+        raise typer.Exit(code=2)
+    for p in (run_dir, vae, tokenizer):
+        if not p.exists():
+            typer.echo(f"error: {p} does not exist", err=True)
+            raise typer.Exit(code=2)
+    export_from_checkpoint(kind, run_dir, vae, tokenizer, out)
+    typer.echo(f"exported {kind} to {out}")
+    if evaluate:
+        from ._util import write_json
+        from .evaluate import evaluate_pipeline, load_shapes_pipeline
+        from .scoring import ASSETS
+
+        res = evaluate_pipeline(load_shapes_pipeline(out), n_per_skill, grid_path=Path(run_dir) / "eval.png")
+        if note:
+            res["note"] = note
+        info_path = info_path or ASSETS / "world_info.json"
+        data = json.loads(info_path.read_text()) if info_path.exists() else {}
+        data[f"teacher_{kind}"] = res
+        write_json(data, info_path)
+        typer.echo(format_info(data))
+
+
 @app.command()
 def sample(
     prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Prompt (repeatable)."),

@@ -218,3 +218,34 @@ def soft_scores(probs: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         sc = soft_dsg(ans, qs)
         out.append(torch.stack([sc[q.qid] for q in qs]).mean())
     return torch.stack(out)
+
+
+def answer_scene(op: tuple, scene) -> bool:
+    """Exact answer on a scene given as a list of (kind, row, col) (plain Python, fast)."""
+    kind = op[0]
+    if kind == "shape":
+        return any(KINDS[k][1] == op[1] for k, _, _ in scene)
+    if kind == "kind":
+        return any(k == op[1] for k, _, _ in scene)
+    if kind == "count":
+        return sum(k == op[1] for k, _, _ in scene) == op[2]
+    if kind == "relation":
+        _, k1, rel, k2 = op
+        return any(
+            relation_holds(rel, (r1, c1), (r2, c2))
+            for a, r1, c1 in scene
+            if a == k1
+            for b, r2, c2 in scene
+            if b == k2
+        )
+    raise ValueError(f"unknown question op {op!r}")
+
+
+def scene_scores(scenes, prompts: list[str]) -> list[float]:
+    """Per-prompt DSG score of known scenes (exact; equals ``score_parsed`` on one-hot scenes)."""
+    out = []
+    for scene, prompt in zip(scenes, prompts):
+        qs = compile_prompt(prompt)
+        sc = dsg_scores({q.qid: float(answer_scene(q.op, scene)) for q in qs}, qs)
+        out.append(sum(sc.values()) / len(sc))
+    return out

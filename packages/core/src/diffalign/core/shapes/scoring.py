@@ -221,7 +221,7 @@ def compute_reference_stats(verifier: SceneParser | None = None, n: int = 2000, 
 def save_reference_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray) -> Path:
     from safetensors.torch import save_file
 
-    save_file({"mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma)}, str(path))
+    save_file({"mu": torch.from_numpy(mu).float(), "sigma": torch.from_numpy(sigma).float()}, str(path))
     return Path(path)
 
 
@@ -230,7 +230,7 @@ def _reference_stats(path: str):
     from safetensors.torch import load_file
 
     d = load_file(path)
-    return d["mu"].numpy(), d["sigma"].numpy()
+    return d["mu"].double().numpy(), d["sigma"].double().numpy()
 
 
 def fid(images, reference: str = "renders", verifier: SceneParser | None = None) -> float:

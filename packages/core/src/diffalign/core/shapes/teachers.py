@@ -66,7 +66,7 @@ def make_scheduler():
         timestep_spacing="trailing",
         clip_sample=False,
         set_alpha_to_one=False,
-        steps_offset=0,
+        steps_offset=1,  # unused by trailing spacing; 1 keeps StableDiffusionPipeline from rewriting it
     )
 
 

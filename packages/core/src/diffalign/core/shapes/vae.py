@@ -41,9 +41,9 @@ def vae_loss(vae, images: torch.Tensor, kl_weight: float = 1e-6) -> tuple[torch.
 
 def train_vae(
     out_dir: str | Path,
-    steps: int = 1500,
-    batch_size: int = 64,
-    lr: float = 1e-3,
+    steps: int = 500,
+    batch_size: int = 32,
+    lr: float = 2e-3,
     seed: int = 0,
     micro: bool = False,
     log=print,
@@ -86,7 +86,7 @@ def train_vae(
 def finetune_decoder(
     vae_dir: str | Path,
     out_dir: str | Path,
-    steps: int = 1000,
+    steps: int = 1500,
     batch_size: int = 32,
     lr: float = 5e-4,
     seed: int = 1,
