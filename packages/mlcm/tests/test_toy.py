@@ -1,0 +1,49 @@
+"""The 2-D Gaussian-mixture toy with an analytic teacher (research note Sec. 5)."""
+
+import pytest
+import torch
+
+from diffalign.mlcm import toy
+from diffalign.mlcm.schedule import sampling_timesteps
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.set_num_threads(1)
+    s = toy.make_toy()
+    ref = toy.reference_samples(s)
+    ddim = {k: toy.energy_distance(toy.teacher_samples(s, k), ref) for k in (2, 4)}
+    floor = toy.energy_distance(toy.reference_samples(s, seed=999), ref)
+    return s, ref, ddim, floor
+
+
+def test_zero_init_student_equals_conditional_teacher():
+    s = toy.make_toy()
+    student = toy.ResidualStudent(s.teacher, s.schedule)
+    z, t, c = torch.randn(16, 2), torch.randint(0, 1000, (16,)), torch.randint(0, 2, (16,))
+    torch.testing.assert_close(student(z, t, c), s.teacher.eps(z, t, c, s.schedule), atol=1e-5, rtol=1e-5)
+
+
+def test_stage1_and_stage2_beat_teacher_ddim(setup):
+    s, ref, ddim, floor = setup
+    student = toy.ResidualStudent(s.teacher, s.schedule)
+    toy.train_stage1(s, student, num_segments=4, iterations=1000, seed=0)
+    ed4 = toy.energy_distance(
+        toy.sample_student(s, student, sampling_timesteps(4, 4), "deterministic", 2000, 5), ref
+    )
+    assert floor < ed4 < 0.6 * ddim[4], (ed4, ddim)
+    toy.train_stage2(s, student, num_segments=4, iterations=500, seed=1)
+    ed2 = toy.energy_distance(
+        toy.sample_student(s, student, sampling_timesteps(2, 4), "renoise", 2000, 5), ref
+    )
+    assert floor < ed2 < 0.7 * ddim[2], (ed2, ddim)
+
+
+def test_wrong_boundary_student_fails_stage1_bound(setup):
+    s, ref, ddim, _ = setup
+    student = toy.ResidualStudent(s.teacher, s.schedule)
+    toy.train_stage1(s, student, num_segments=4, iterations=1000, seed=0, boundary_offset=1)
+    ed4 = toy.energy_distance(
+        toy.sample_student(s, student, sampling_timesteps(4, 4), "deterministic", 2000, 5), ref
+    )
+    assert ed4 >= 0.6 * ddim[4], (ed4, ddim)

@@ -1,0 +1,142 @@
+import pytest
+import torch
+
+from diffalign.core.config import ConfigError, load_config
+from diffalign.core.rewards import register_reward, unregister_reward
+from diffalign.core.testing import tiny_sd_pipeline
+from diffalign.mlcm.config import MLCMRecipe
+from diffalign.mlcm.inference import apply_student
+from diffalign.mlcm.train import plan_phases, train
+
+from .helpers import tiny_recipe
+
+
+def _v_pipe():
+    return tiny_sd_pipeline(prediction_type="v_prediction")
+
+
+def test_lora_trains_only_adapters_resumes_exactly_and_exports(tmp_path):
+    base = {n: p.detach().clone() for n, p in _v_pipe().unet.named_parameters()}
+    cfg = tiny_recipe(tmp_path / "full")
+    pipe = _v_pipe()
+    result = train(cfg, pipe=pipe)
+    assert result.steps == 3 and [h["phase"] for h in result.losses] == ["stage1:8", "stage1:8", "stage2:8"]
+    trained = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    lora = [n for n in trained if "lora_" in n]
+    assert lora, "no LoRA parameters were added"
+    for name, value in trained.items():
+        if "lora_" not in name:
+            key = name.replace(".base_layer", "")
+            assert torch.equal(value, base[key]), f"base weight {name} changed"
+    assert any("lora_B" in n and trained[n].abs().sum() > 0 for n in lora)  # B started at zero
+
+    # interrupted after 2 iterations, then resumed: identical to the uninterrupted run
+    cfg2 = tiny_recipe(tmp_path / "resumed")
+    part = train(cfg2, pipe=_v_pipe(), max_steps=2)
+    assert part.steps == 2 and not part.student_dir.exists()
+    pipe2 = _v_pipe()
+    train(cfg2, pipe=pipe2)
+    for name, value in pipe2.unet.named_parameters():
+        torch.testing.assert_close(value, trained[name], atol=1e-6, rtol=1e-5)
+
+    # export is readable by diffusers' load_lora_weights and reproduces the student
+    fresh = apply_student(_v_pipe(), result.student_dir)
+    assert type(fresh.scheduler).__name__ == "MLCMScheduler"
+    z, t = torch.randn(1, 4, 8, 8), torch.tensor([499])
+    emb = torch.randn(1, 16, 32)
+    with torch.no_grad():
+        a = pipe.unet(z, t, encoder_hidden_states=emb).sample
+        b = fresh.unet(z, t, encoder_hidden_states=emb).sample
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert (result.run_dir / "config.yaml").is_file() and (result.run_dir / "metrics.jsonl").is_file()
+
+
+def test_full_finetune_with_ema_target(tmp_path):
+    cfg = tiny_recipe(
+        tmp_path / "run",
+        student={"mode": "full", "ema_decay": 0.5},
+        stage1={"iterations": 1},
+        stage2={"iterations": 0},
+    )
+    pipe = _v_pipe()
+    before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    result = train(cfg, pipe=pipe)
+    changed = [n for n, p in pipe.unet.named_parameters() if not torch.equal(p, before[n])]
+    assert changed
+    assert (result.student_dir / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    fresh = apply_student(_v_pipe(), result.student_dir)
+    for n, p in fresh.unet.named_parameters():
+        torch.testing.assert_close(p, dict(pipe.unet.named_parameters())[n])
+
+
+def test_ema_target_requires_full_mode():
+    with pytest.raises(ValueError, match="ema_decay"):
+        MLCMRecipe.model_validate({"model": {"source": "x"}, "student": {"ema_decay": 0.9}})
+
+
+class _Brightness:
+    name, differentiable, input_range = "test-brightness", True, "[-1,1]"
+
+    def score(self, images, prompts):
+        return images.mean(dim=(1, 2, 3))
+
+
+def test_reward_gradient_reaches_student_through_vae_decoder(tmp_path):
+    register_reward("test-brightness", lambda **kw: _Brightness(), overwrite=True)
+    try:
+        cfg = tiny_recipe(
+            tmp_path / "run",
+            stage1={"iterations": 0},
+            stage2={"iterations": 0},
+            reward={
+                "name": "test-brightness",
+                "iterations": 1,
+                "loss": "direct",
+                "consistency_weight": 0.0,
+                "sample_steps": 2,
+            },
+        )
+        pipe = _v_pipe()
+        result = train(cfg, pipe=pipe)
+    finally:
+        unregister_reward("test-brightness")
+    assert result.losses[0]["phase"] == "reward:8" and "reward" in result.losses[0]
+    lora_b = [p for n, p in pipe.unet.named_parameters() if "lora_B" in n]
+    # LoRA B starts at zero; only the reward gradient (through the VAE decoder) can move it here
+    assert any(p.abs().sum() > 0 for p in lora_b)
+
+
+def test_nondifferentiable_reward_rejected(tmp_path):
+    class _Hard(_Brightness):
+        differentiable = False
+
+    register_reward("test-hard", lambda **kw: _Hard(), overwrite=True)
+    try:
+        cfg = tiny_recipe(tmp_path / "run", reward={"name": "test-hard", "iterations": 1})
+        with pytest.raises(ValueError, match="not differentiable"):
+            train(cfg, pipe=_v_pipe())
+    finally:
+        unregister_reward("test-hard")
+    assert not (tmp_path / "run").exists()
+
+
+def test_segment_halving_phases(tmp_path):
+    cfg = tiny_recipe(
+        tmp_path / "r", stage1={"iterations": 10, "segment_schedule": [8, 4, 2]}, stage2={"iterations": 3}
+    )
+    phases = plan_phases(cfg)
+    assert [(p.key, p.start, p.end, p.lr) for p in phases] == [
+        ("stage1:8", 0, 4, 1e-4),
+        ("stage1:4", 4, 7, 1e-4),
+        ("stage1:2", 7, 10, 1e-4),
+        ("stage2:8", 10, 13, 1e-5),
+    ]
+
+
+def test_config_errors_are_clear(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  source: shapes/unet\nstage1:\n  iterashuns: 5\n")
+    with pytest.raises(ConfigError, match="iterashuns"):
+        load_config(MLCMRecipe, bad)
+    with pytest.raises(ConfigError, match="nothing to train"):
+        load_config(MLCMRecipe, None, ["model.source=x", "stage1.iterations=0", "stage2.iterations=0"])
