@@ -145,7 +145,11 @@ def format_info(data: dict) -> str:
             lines.append(f"verifier ({k} held-out renders): {accs}")
     rend = data.get("renders", {})
     for k, r in rend.items():
-        lines.append(f"{k.replace('_', ' ')}: faithfulness {r['overall']:.3f} " + _skills(r))
+        if isinstance(r, dict):
+            fid = f", FID {r['fid']:.1f}" if "fid" in r else ""
+            lines.append(f"{k.replace('_', ' ')}: faithfulness {r['overall']:.3f}, {_skills(r)}{fid}")
+        else:
+            lines.append(f"{k.replace('_', ' ')}: {r:.1f}")
     for key in sorted(k for k in data if k.startswith("teacher_")):
         t = data[key]
         note = f" ({t['note']})" if "note" in t else ""
@@ -155,6 +159,8 @@ def format_info(data: dict) -> str:
                 f"  {s:>3} steps, CFG {t.get('guidance')}: overall {r['overall']:.3f}, skill mean "
                 f"{r['skill_mean']:.3f}, {_skills(r)}, FID {r['fid']:.1f}"
             )
+    for k, v in data.get("protocol", {}).items():
+        lines.append(f"- {k}: {v}")
     return "\n".join(lines)
 
 
