@@ -98,3 +98,24 @@ def test_cli_sample_needs_prompts_and_metadata(tmp_path, teacher_dir):
     assert result.exit_code == 2 and "no prompts" in result.output
     result = CliRunner().invoke(app, ["sample", str(teacher_dir), "-p", "a red circle"])
     assert result.exit_code == 2 and "di_star.json" in result.output
+
+
+def test_generator_init_from_existing_one_step_checkpoint(tmp_path, teacher_dir):
+    from diffalign.di_star.train import _load_models
+
+    unet = testing.tiny_unet(seed=5)  # stands in for a distilled one-step UNet (e.g. DMD2)
+    unet.save_pretrained(tmp_path / "one_step_unet")
+    cfg = tiny_config(
+        tmp_path / "run",
+        model={"teacher": str(teacher_dir), "generator_init": str(tmp_path / "one_step_unet")},
+    )
+    pipe, gen, fake = _load_models(cfg, "cpu")
+    assert fake is None
+    ref = unet.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in gen.state_dict().items())
+    assert any(not torch.equal(v, pipe.unet.state_dict()[k]) for k, v in gen.state_dict().items())
+    bad = tiny_config(
+        tmp_path / "run", model={"teacher": str(teacher_dir), "generator_init": str(tmp_path / "missing")}
+    )
+    with pytest.raises(FileNotFoundError, match="missing"):
+        _load_models(bad, "cpu")

@@ -57,7 +57,7 @@ def sample(
     ),
     device: str = typer.Option(None, "--device"),
 ) -> None:
-    """Sample with one step: LCMScheduler, timesteps=[t*], guidance 0, in the model's own pipeline."""
+    """Sample with one step: LCMScheduler at the single timestep t*, guidance 0, in the model's own pipeline."""
     import torch
 
     from diffalign.core.models import load_pipeline
