@@ -113,3 +113,24 @@ def test_messages_have_two_image_slots_and_listener_refuses_answers():
     assert any("image 1 : match ." in b.get("text", "") for m in lm for b in m["content"])
     with pytest.raises(ValueError, match="never see the answer"):
         listener_messages("a red circle", "r <answer> 1 </answer>", cfg)
+
+
+def test_shapes_pairs_stand_in_and_core_adapter():
+    from diffalign.listener_reward.data import make_shapes_pairs, oracle_reasoning
+
+    a = make_shapes_pairs(20, "train", seed=0)
+    assert [p.prompt for p in a] == [p.prompt for p in make_shapes_pairs(20, "train", seed=0)]
+    ood = {p.prompt for p in make_shapes_pairs(20, "test_ood", seed=0)}
+    assert not ood & {p.prompt for p in a}
+    for p in a:
+        assert p.label in (1, 2) and p.faithful[0] != p.faithful[1]
+        assert extract_answer(oracle_reasoning(p.faithful)) is None
+    try:
+        from diffalign.core.shapes import make_preference_pairs  # noqa: F401
+    except ImportError:
+        pytest.skip("core shapes generator not installed")
+    from diffalign.listener_reward.data import core_shapes_pairs
+
+    pairs = core_shapes_pairs(4, "test_ood", seed=0)
+    assert pairs and all(p.label in (1, 2) and p.votes[p.label - 1] > p.votes[2 - p.label] for p in pairs)
+    assert pairs[0].images()[0].size == (32, 32)

@@ -91,7 +91,7 @@ class ModelConfig(Config):
 
 
 class DataConfig(Config):
-    source: Literal["shapes", "imagereward", "hpdv2", "rapidata", "jsonl"] = "shapes"
+    source: Literal["shapes", "shapes-core", "imagereward", "hpdv2", "rapidata", "jsonl"] = "shapes"
     train_path: str | None = None
     eval_paths: dict[str, str] = Field(default_factory=dict)  # split name -> file
     eval_formats: dict[str, Literal["imagereward", "hpdv2", "rapidata"]] = Field(default_factory=dict)

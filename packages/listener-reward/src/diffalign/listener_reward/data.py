@@ -120,6 +120,43 @@ def make_shapes_pairs(
     return pairs
 
 
+def core_shapes_pairs(n: int, split: str = "train", seed: int = 0) -> list[PairExample]:
+    """Pairs from core's simulated annotators (``diffalign.core.shapes.make_preference_pairs``: 32x32
+    renders, four skills, majority votes). ``train``/``test_id`` -> in-distribution, ``test_ood`` -> ood.
+    Vote ties are dropped; ``faithful`` is unknown there, so SFT uses ``target=answer_only``."""
+    from PIL import Image
+
+    from diffalign.core.shapes import make_preference_pairs
+
+    core_split = {"train": "in_distribution", "test_id": "in_distribution", "test_ood": "ood"}.get(split)
+    if core_split is None:
+        raise ValueError(f"unknown shapes split {split!r}; choose train, test_id or test_ood")
+    offset = {"train": 0, "test_id": 10_007, "test_ood": 20_011}[split]
+    raw = make_preference_pairs(n, core_split, seed + offset)
+
+    def to_pil(t):
+        arr = ((t.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        return Image.fromarray(arr)
+
+    out = []
+    for i in range(len(raw.prompts)):
+        va, vb = float(raw.votes_a[i]), float(raw.votes_b[i])
+        if va == vb:
+            continue
+        out.append(
+            PairExample(
+                raw.prompts[i],
+                to_pil(raw.images_a[i]),
+                to_pil(raw.images_b[i]),
+                1 if va > vb else 2,
+                None,
+                (va, vb),
+                f"core-{split}-{i}",
+            )
+        )
+    return out
+
+
 # ------------------------------------------------------------------------------------------- real sets
 
 
@@ -142,6 +179,9 @@ def load_pairs(cfg: DataConfig, split: str) -> list[PairExample]:
     if cfg.source == "shapes":
         n = cfg.num_train if split == "train" else cfg.num_eval
         return make_shapes_pairs(n, split, cfg.seed, cfg.image_size, cfg.annotator_noise)
+    if cfg.source == "shapes-core":
+        n = cfg.num_train if split == "train" else cfg.num_eval
+        return core_shapes_pairs(n, split, cfg.seed)
     from diffalign.core.metrics.preference_data import read_preferences
 
     if split == "train":
@@ -188,6 +228,7 @@ __all__ = [
     "PairExample",
     "grpo_rows",
     "load_pairs",
+    "core_shapes_pairs",
     "make_shapes_pairs",
     "oracle_reasoning",
     "pairs_from_records",
