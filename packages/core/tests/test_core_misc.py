@@ -100,3 +100,16 @@ def test_umbrella_cli_help_and_info():
         [sys.executable, "-m", "diffalign.core.cli", "config", "schema", "nope"], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "unknown method" in bad.stderr
+
+
+def test_load_vlm_reads_a_saved_tiny_qwen2_5_vl(tmp_path):
+    from diffalign.core.models import load_vlm
+    from diffalign.core.testing.vlm import save_tiny_vlm
+
+    model, processor = T.tiny_qwen2_5_vl()
+    save_tiny_vlm(model, processor, tmp_path / "vlm")
+    loaded, loaded_processor = load_vlm(tmp_path / "vlm")
+    assert type(loaded).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    for (name, p), (_, q) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(p, q), name
+    assert loaded_processor.tokenizer("a red circle").input_ids == processor.tokenizer("a red circle").input_ids

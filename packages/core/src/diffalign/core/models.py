@@ -207,6 +207,11 @@ def load_vlm(
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     path = resolve_model_path(source)
+    from diffalign.core.testing.vlm import is_tiny_vlm_dir, load_tiny_vlm
+
+    if is_tiny_vlm_dir(path):  # the offline tiny models of the shapes world (word-level, no torchvision)
+        model, processor = load_tiny_vlm(path, dtype=dtype)
+        return (model.to(device) if device is not None else model), processor
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = dtype
