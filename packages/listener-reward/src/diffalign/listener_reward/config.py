@@ -12,16 +12,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from diffalign.core.config import Config
-
-try:  # the launch section comes from core when it is installed
-    from diffalign.core.launch import LaunchConfig
-except ImportError:  # pragma: no cover - core without launch
-
-    class LaunchConfig(Config):  # type: ignore[no-redef]
-        launcher: Literal["none", "accelerate", "torchrun"] = "none"
-        num_processes: int = 1
-        mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-        deepspeed: str = "none"
+from diffalign.core.launch import LaunchConfig
 
 
 class PromptsConfig(Config):
