@@ -113,3 +113,16 @@ def test_load_vlm_reads_a_saved_tiny_qwen2_5_vl(tmp_path):
     for (name, p), (_, q) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(p, q), name
     assert loaded_processor.tokenizer("a red circle").input_ids == processor.tokenizer("a red circle").input_ids
+
+
+def test_load_pipeline_casts_every_component_to_one_dtype(tmp_path):
+    """Weights stored in fp16 (as the shapes teachers are) must not leave a half-precision text encoder."""
+    from diffalign.core.models import load_pipeline
+
+    pipe = T.tiny_sd_pipeline()
+    pipe.text_encoder.half()
+    pipe.save_pretrained(tmp_path / "pipe")
+    loaded = load_pipeline(tmp_path / "pipe")
+    dtypes = {name: next(c.parameters()).dtype for name, c in loaded.components.items() if hasattr(c, "parameters")}
+    assert set(dtypes.values()) == {torch.float32}, dtypes
+    assert next(load_pipeline(tmp_path / "pipe", dtype=torch.bfloat16).unet.parameters()).dtype == torch.bfloat16

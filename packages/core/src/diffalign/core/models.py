@@ -128,9 +128,7 @@ def resolve_model_path(source: str | os.PathLike) -> Path:
 def _to(module: Any, dtype: torch.dtype | None, device: str | torch.device | None) -> Any:
     if device is not None:
         module = module.to(device)
-    if dtype is not None:
-        module = module.to(dtype=dtype)
-    return module
+    return module.to(dtype=dtype if dtype is not None else torch.float32)
 
 
 def load_pipeline(
@@ -140,13 +138,17 @@ def load_pipeline(
     pipeline_class: Any = None,
     **kwargs: Any,
 ):
-    """Load a diffusers pipeline; progress bar off, safety checker kept as the folder defines it."""
+    """Load a diffusers pipeline; progress bar off, safety checker kept as the folder defines it.
+
+    Every component is cast to ``dtype`` (float32 when not given), whatever precision its weights were
+    stored in: transformers text encoders otherwise keep their stored dtype while diffusers models are
+    upcast, which mixes precisions inside one pipeline.
+    """
     from diffusers import DiffusionPipeline
 
     path = resolve_model_path(source)
     cls = pipeline_class or DiffusionPipeline
-    if dtype is not None:
-        kwargs.setdefault("torch_dtype", dtype)
+    kwargs.setdefault("torch_dtype", dtype if dtype is not None else torch.float32)
     pipe = cls.from_pretrained(path, **kwargs)
     if device is not None:
         pipe = pipe.to(device)
