@@ -19,9 +19,10 @@ def micro_world(tmp_path_factory):
     return out, info, time.time() - t0
 
 
-def test_micro_world_builds_end_to_end_quickly(micro_world):
+def test_micro_world_builds_end_to_end(micro_world):
+    # Build time (~20-60 s on 2 cores) is reported, not asserted: timing targets belong to benchmarks.
     out, info, seconds = micro_world
-    assert seconds < 60  # measured ~20-60 s on 2 shared cores (longer only under heavy load)
+    print(f"micro world built in {seconds:.1f} s")
     for name in (
         "tokenizer/tokenizer.json",
         "vae/config.json",
