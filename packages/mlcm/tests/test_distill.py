@@ -83,7 +83,7 @@ def test_exact_consistent_student_has_zero_mlcd_loss_and_detached_target():
     assert out.target.grad_fn is None and out.prediction.grad_fn is not None
     # negative control: a biased student is penalised
     biased = lambda z, t: exact(z, t) + 0.3  # noqa: E731
-    assert mlcd_loss(biased, exact, z_up, pairs, sched, "epsilon").loss.item() > 1e-3
+    assert mlcd_loss(biased, exact, z_up, pairs, sched, "epsilon").loss.item() > 1e-4
 
 
 def test_student_sampler_exact_on_point_mass_and_inter_segment_zero():

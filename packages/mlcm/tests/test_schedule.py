@@ -56,7 +56,7 @@ def test_segment_index_and_boundary():
     m = milestone_grid(8)
     t = torch.tensor([999, 875, 874, 873, 500, 499, 125, 124, 1, 0])
     assert segment_index(t, m).tolist() == [0, 0, 1, 1, 3, 4, 6, 7, 7, 7]
-    assert segment_boundary(t, m).tolist() == [874, 874, 749, 749, 374, 374, 124, 0, 0, 0]
+    assert segment_boundary(t, m).tolist() == [874, 874, 749, 749, 499, 374, 124, 0, 0, 0]
     # negative control: the boundary is never the segment's own upper milestone
     assert not (segment_boundary(t[:-1], m) == t[:-1]).any()
 

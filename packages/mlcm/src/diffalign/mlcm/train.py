@@ -46,7 +46,7 @@ from .schedule import milestone_grid, sampling_timesteps
 from .scheduler import MLCMScheduler
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-from .inference import STUDENT_FILE  # noqa: E402,F401
+from .inference import STUDENT_FILE, save_peft_adapter  # noqa: E402,F401
 
 
 @dataclass
@@ -123,7 +123,8 @@ def load_hook(spec: str | None):
 def add_lora(
     model: torch.nn.Module, arch: str, rank: int, alpha: float | None, targets: list[str] | None
 ) -> None:
-    from peft import LoraConfig
+    """Add a zero-initialised-B LoRA; models without diffusers' PEFT mixin (PixArt) get peft's injection."""
+    from peft import LoraConfig, inject_adapter_in_model
 
     model.requires_grad_(False)
     config = LoraConfig(
@@ -132,7 +133,13 @@ def add_lora(
         init_lora_weights="gaussian",
         target_modules=targets or DEFAULT_LORA_TARGETS[arch],
     )
-    model.add_adapter(config)
+    if hasattr(model, "add_adapter"):
+        model.add_adapter(config)
+    else:
+        inject_adapter_in_model(config, model, adapter_name="default")
+        model.peft_config = {"default": config}
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" in name)
 
 
 class Distiller:
@@ -284,7 +291,7 @@ def resolve_reward(cfg: MLCMRecipe):
 
 def export_student(distiller: Distiller, out_dir: Path, source: str) -> Path:
     """Write the student so that diffusers reads it: LoRA via ``load_lora_weights`` (SD/SDXL) or
-    ``transformer.load_lora_adapter`` (PixArt); a full student as a ``from_pretrained`` folder. The MLCM
+    a peft adapter folder (PixArt, see ``inference.load_peft_adapter``); a full student as a ``from_pretrained`` folder. The MLCM
     scheduler config goes to ``out_dir/scheduler``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
