@@ -180,7 +180,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=4.5)
     ap.add_argument("--size", type=int, default=None, help="image height/width in pixels")
+    ap.add_argument("--population", type=int, default=None, help="NSGA-II population (default 24; quick 8)")
+    ap.add_argument("--generations", type=int, default=None, help="NSGA-II generations (default 20; quick 3)")
+    ap.add_argument("--calibration-prompts", type=int, default=None, help="default 40; quick 8")
+    ap.add_argument("--calibration-seeds", type=int, default=None, help="default 2; quick 1")
+    ap.add_argument("--heldout-prompts", type=int, default=None, help="default 100; quick 8")
+    ap.add_argument("--heldout-seeds", type=int, default=None, help="default 4; quick 2")
     args = ap.parse_args(argv)
+
+    def pick(value, quick_default, full_default):
+        return value if value is not None else (quick_default if args.quick else full_default)
 
     from diffalign.core.models import load_pipeline
     from diffalign.core.report import write_json
@@ -199,9 +208,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "width": args.size,
                 "batch_size": 16,
             },
-            "calibration": {"num_prompts": 8 if quick else 40, "num_seeds": 1 if quick else 2},
+            "calibration": {
+                "num_prompts": pick(args.calibration_prompts, 8, 40),
+                "num_seeds": pick(args.calibration_seeds, 1, 2),
+            },
             "quality": {"reward": args.reward},
-            "search": {"population_size": 8 if quick else 24, "generations": 3 if quick else 20, "seed": 0},
+            "search": {
+                "population_size": pick(args.population, 8, 24),
+                "generations": pick(args.generations, 3, 20),
+                "seed": 0,
+            },
         }
     )
     pipe = load_pipeline(args.model)
@@ -213,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     search_s = time.perf_counter() - t0
     front = result.front_schedules()
 
-    prompts, seeds = _heldout(cfg, 8 if quick else 100, 2 if quick else 4)
+    prompts, seeds = _heldout(cfg, pick(args.heldout_prompts, 8, 100), pick(args.heldout_seeds, 2, 4))
     repeats = 2 if quick else 5
     tname = type(pipe.transformer).__name__
     steps = cfg.sampling.num_inference_steps
