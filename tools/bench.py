@@ -35,8 +35,28 @@ def machine() -> str:
 
     return (
         f"{platform.platform()}, {os.cpu_count()} CPU threads, torch {torch.__version__}, "
-        f"python {platform.python_version()}, no GPU" if not torch.cuda.is_available() else torch.cuda.get_device_name(0)
+        f"python {platform.python_version()}, no GPU"
+        if not torch.cuda.is_available()
+        else torch.cuda.get_device_name(0)
     )
+
+
+def _flatten(value: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in value.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        elif not isinstance(v, list):
+            out[key] = v
+    return out
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    cols: list[str] = []
+    for row in rows:
+        cols += [c for c in row if c not in cols]
+    return cols
 
 
 def render(name: str, result: dict) -> str:
@@ -50,6 +70,9 @@ def render(name: str, result: dict) -> str:
     for key, value in result.items():
         if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
             lines.append(f"\n**{key}**\n\n" + markdown_table(value))
+        elif isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+            rows = [{"name": k, **_flatten(v)} for k, v in value.items()]
+            lines.append(f"\n**{key}**\n\n" + markdown_table(rows, _columns(rows)))
         elif isinstance(value, dict):
             flat = {k: v for k, v in value.items() if not isinstance(v, (list, dict))}
             nested = {k: v for k, v in value.items() if isinstance(v, (list, dict))}
@@ -62,20 +85,27 @@ def render(name: str, result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--only", nargs="*", choices=sorted(PACKAGES), default=None)
     parser.add_argument("--quick", action="store_true", help="pass --quick to each benchmark")
     parser.add_argument("--results", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
+    parser.add_argument(
+        "--render-only", action="store_true", help="only rebuild BENCHMARKS.md from the JSONs"
+    )
+    parser.add_argument("--extra", nargs="*", default=[], help="extra arguments passed to every benchmark")
     args = parser.parse_args(argv)
     results_dir = Path(args.results)
     results_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     status = 0
     walls: dict[str, float] = {}
-    for name in args.only or list(PACKAGES):
+    for name in [] if args.render_only else (args.only or list(PACKAGES)):
         out = results_dir / f"{name}.json"
         cmd = [sys.executable, "-m", PACKAGES[name], "--out", str(out)] + (["--quick"] if args.quick else [])
+        cmd += args.extra
         print(f"== {name}: {' '.join(cmd)}", flush=True)
         start = time.time()
         proc = subprocess.run(cmd, env=env, cwd=ROOT)
@@ -98,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {machine()}. Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n"
         "Every number is shown beside its baseline, including where the method loses.\n\n"
     )
-    Path(args.markdown).write_text(header + "\n".join(sections))
+    summary_file = ROOT / "bench" / "SUMMARY.md"  # hand-written reading of the numbers, kept with them
+    summary = summary_file.read_text() + "\n" if summary_file.exists() else ""
+    Path(args.markdown).write_text(header + summary + "\n".join(sections))
     print(f"wrote {args.markdown}")
     return status
 
