@@ -72,10 +72,20 @@ def timestep_embedding(t: torch.Tensor, dim: int = 32) -> torch.Tensor:
 class ResidualStudent(nn.Module):
     """eps_student(z, t, c) = eps_teacher(z, t, c; w=1) + MLP(z, t, c), last layer zero-initialised."""
 
-    def __init__(self, teacher: GaussianMixtureTeacher, schedule: NoiseSchedule, hidden: int = 128):
+    def __init__(
+        self, teacher: GaussianMixtureTeacher, schedule: NoiseSchedule, hidden: int = 128, seed: int = 0
+    ):
         super().__init__()
         self.teacher, self.schedule = teacher, schedule
-        self.net = nn.Sequential(
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.net = self._build(hidden)
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    @staticmethod
+    def _build(hidden: int) -> nn.Sequential:
+        return nn.Sequential(
             nn.Linear(2 + 32 + 3, hidden),
             nn.SiLU(),
             nn.Linear(hidden, hidden),
@@ -84,8 +94,6 @@ class ResidualStudent(nn.Module):
             nn.SiLU(),
             nn.Linear(hidden, 2),
         )
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, z, t, cls):
         base = self.teacher.eps(z, t, cls, self.schedule)
