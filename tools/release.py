@@ -95,7 +95,9 @@ def release(package: str, part: str, dry_run: bool = False, root: Path = ROOT) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("package", choices=PACKAGES)
     parser.add_argument("part", choices=["major", "minor", "patch"])
     parser.add_argument("--dry-run", action="store_true")
