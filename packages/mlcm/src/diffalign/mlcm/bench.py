@@ -22,11 +22,18 @@ TEACHER_STEPS = (2, 4, 8, 25, 50)
 STUDENT_STEPS = (2, 4, 8)
 
 
-def shapes_recipe(model: str, run_dir: Path, quick: bool, single_segment: bool = False) -> MLCMRecipe:
+def shapes_recipe(
+    model: str,
+    run_dir: Path,
+    quick: bool,
+    single_segment: bool = False,
+    iterations: tuple[int | None, int | None] = (None, None),
+) -> MLCMRecipe:
     """The shapes recipe (recipes/shapes_unet.yaml) without reward learning, so both students get the same
     budget. ``single_segment`` turns it into the LCM baseline: one segment (any t -> x0), all iterations
     in stage 1."""
     s1, s2 = (60, 20) if quick else (600, 150)
+    s1, s2 = iterations[0] or s1, iterations[1] if iterations[1] is not None else s2
     data = {
         "run_dir": str(run_dir),
         "seed": 0,
@@ -139,7 +146,13 @@ def run(args) -> dict:
 
     students = {}
     for name, single in (("mlcm", False), ("lcm-single-segment", True)):
-        cfg = shapes_recipe(args.model, work / name, args.quick, single_segment=single)
+        cfg = shapes_recipe(
+            args.model,
+            work / name,
+            args.quick,
+            single_segment=single,
+            iterations=(args.stage1_iterations, args.stage2_iterations),
+        )
         result = train(cfg, pipe=load_pipeline(args.model))
         students[name] = result.student_dir
         report["training"][name] = {
@@ -192,6 +205,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--run-dir", default="bench/tmp/mlcm")
     parser.add_argument("--skip-toy", action="store_true")
+    parser.add_argument("--stage1-iterations", type=int, default=None, help="default 600 (quick 60)")
+    parser.add_argument("--stage2-iterations", type=int, default=None, help="default 150 (quick 20)")
     args = parser.parse_args(argv)
     report = run(args)
     print({k: v for k, v in report.items() if k in ("training", "targets")})
