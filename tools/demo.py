@@ -211,7 +211,7 @@ def render_report(
         "",
         "## Stages",
         "",
-        markdown_table(stage_rows),
+        markdown_table(stage_rows, digits=1),
         "## Grids",
         "",
         markdown_table(grid_rows) if grid_rows else "(no grids were written)\n",
@@ -335,6 +335,11 @@ class Demo:
         return time.time() - self.start
 
     def cli(self, *args: str) -> list[str]:
+        """The umbrella ``diffalign`` console script beside this Python, else ``python -m diffalign.core.cli``
+        (which also works but prints a spurious circular-import warning for di-star)."""
+        script = Path(sys.executable).parent / "diffalign"
+        if script.exists():
+            return [str(script), *args]
         return [sys.executable, "-m", "diffalign.core.cli", *args]
 
     def run(self, cmd: Sequence[str], what: str) -> CommandResult:
@@ -342,7 +347,8 @@ class Demo:
         remaining = min(self.deadline, self.start + self.time_limit_s) - time.time()
         if remaining < 5:
             raise StageError(f"out of time before {what}")
-        print(f"\n--- [{fmt_seconds(self.elapsed())}] {what}: {' '.join(cmd[2:])}", flush=True)
+        shown = " ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd))
+        print(f"\n--- [{fmt_seconds(self.elapsed())}] {what}: {shown}", flush=True)
         res = run_command(cmd, self.logs / f"{self.current.name}.log", remaining, self.env)
         self.current.wall_s += res.wall_s
         self.current.cpu_s += res.cpu_s
