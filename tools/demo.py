@@ -55,9 +55,9 @@ JUDGE_PAIRS = 3
 
 # Tiny budgets: each recipe's own settings, shrunk with --set overrides.
 MLCM_SET = [
-    "stage1.iterations=6",
-    "stage2.iterations=2",
-    "reward.iterations=2",
+    "stage1.iterations=4",
+    "stage2.iterations=1",
+    "reward.iterations=1",
     "distill.batch_size=4",
     "stage1.trajectory=single",
     "data.shapes_prompts_per_skill=50",
