@@ -131,12 +131,6 @@ def test_mlcm_student_then_ecad_search(tmp_path):
     assert not torch.equal(plain, _sample(teacher))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="mlcm: LoRA students of PixArt fail, PixArtTransformer2DModel has no add_adapter in diffusers "
-    "0.42 (mlcm.train.add_lora); remove this marker when the default student mode works on DiTs",
-)
 def test_mlcm_lora_student_of_a_dit(tmp_path):
     from diffalign.core.testing import tiny_pixart_pipeline
     from diffalign.mlcm.train import train
