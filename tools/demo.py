@@ -836,18 +836,23 @@ def main(argv: list[str] | None = None) -> int:
         "di-star": demo.di_star(prompts),
         "listener-reward": demo.listener(),
     }
-    results = []
+    results: list[StageResult] = []
     cpu0 = child_cpu_seconds()
+
+    def write_report() -> tuple[float, float]:
+        wall, cpu = demo.elapsed(), child_cpu_seconds() - cpu0
+        files = sorted(str(p.relative_to(out)) for p in out.glob("*.png"))
+        files += ["judge.md"] if (out / "judge.md").exists() else []
+        text = render_report(results, wall, cpu, machine(), prompts, demo.time_limit_s, files)
+        (out / "report.md").write_text(text, encoding="utf-8")
+        return wall, cpu
+
     for name in STAGES:
         if args.only is not None and name not in args.only:
             continue
         results.append(demo.stage(name, plan[name]))
-    total_wall, total_cpu = demo.elapsed(), child_cpu_seconds() - cpu0
-    files = sorted(str(p.relative_to(out)) for p in out.glob("*.png")) + (
-        ["judge.md"] if (out / "judge.md").exists() else []
-    )
-    report = render_report(results, total_wall, total_cpu, machine(), prompts, demo.time_limit_s, files)
-    (out / "report.md").write_text(report, encoding="utf-8")
+        write_report()  # after every stage, so a stopped demo still leaves a report
+    total_wall, total_cpu = write_report()
     print(f"\nwrote {out / 'report.md'} ({fmt_seconds(total_wall)} wall, {total_cpu:.0f} s CPU)")
     for r in results:
         print(f"  {r.name:16s} {r.status:8s} {r.wall_s:6.1f} s wall {r.cpu_s:6.1f} s CPU  {r.error}")
