@@ -290,20 +290,19 @@ def resolve_reward(cfg: MLCMRecipe):
 
 
 def export_student(distiller: Distiller, out_dir: Path, source: str) -> Path:
-    """Write the student so that diffusers reads it: LoRA via ``load_lora_weights`` (SD/SDXL) or
-    a peft adapter folder (PixArt, see ``inference.load_peft_adapter``); a full student as a ``from_pretrained`` folder. The MLCM
-    scheduler config goes to ``out_dir/scheduler``."""
+    """Write the student: LoRA via ``save_lora_weights`` (SD/SDXL, read by ``load_lora_weights``) or a peft
+    adapter folder (PixArt, see ``inference.load_peft_adapter``); a full student as a ``from_pretrained``
+    folder. The MLCM scheduler config goes to ``out_dir/scheduler``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, den = distiller.model, distiller.den
     if distiller.lora:
-        if den.arch == ARCH_PIXART:
-            model.save_lora_adapter(out_dir)
-        else:
-            from diffusers.utils import convert_state_dict_to_diffusers
-            from peft.utils import get_peft_model_state_dict
+        from peft.utils import get_peft_model_state_dict
 
-            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+        layers = get_peft_model_state_dict(model)  # PEFT key format; load_lora_weights reads it exactly
+        if den.arch == ARCH_PIXART:
+            save_peft_adapter(out_dir, layers, model.peft_config["default"])
+        else:
             type(distiller.pipe).save_lora_weights(
                 out_dir,
                 unet_lora_layers=layers,
