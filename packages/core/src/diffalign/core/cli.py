@@ -97,7 +97,19 @@ def info() -> None:
     typer.echo(f"rewards: {', '.join(list_rewards()) or 'none'}")
 
 
-def _register_method_apps() -> None:
+_REGISTERED = False
+
+
+def register_method_apps() -> None:
+    """Add ``world`` and every installed method's app (entry-point group ``diffalign.cli``), once.
+
+    Done when the command runs, not at import: a method's ``cli`` module imports this module, and
+    registering at import time would load that method's half-initialised module again.
+    """
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    _REGISTERED = True
     try:
         from .shapes.cli import app as world_app
 
@@ -113,10 +125,8 @@ def _register_method_apps() -> None:
         app.add_typer(sub, name=ep.name)
 
 
-_register_method_apps()
-
-
 def main() -> None:
+    register_method_apps()
     app()
 
 
