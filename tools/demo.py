@@ -44,7 +44,7 @@ RECIPES = {
 }
 STAGES = ("teacher", "mlcm", "ecad", "selma", "di-star", "listener-reward")
 # Wall-clock budget of each stage in seconds (2 free CPU cores); the sum stays under 10 minutes.
-BUDGETS = {"teacher": 60, "mlcm": 110, "ecad": 90, "selma": 120, "di-star": 90, "listener-reward": 100}
+BUDGETS = {"teacher": 150, "mlcm": 90, "ecad": 70, "selma": 100, "di-star": 70, "listener-reward": 100}
 TIME_LIMIT_S = 590.0
 SEED = 0
 PROMPTS_PER_SKILL = 2
