@@ -121,8 +121,7 @@ def tiny_t5_encoder(seed: int = 0, d_model: int = TEXT_HIDDEN):
     return T5EncoderModel(config).eval()
 
 
-def tiny_vae(seed: int = 0, latent_channels: int = LATENT_CHANNELS):
-    """``AutoencoderKL`` mapping 16x16x3 pixels to 8x8x4 latents."""
+def _tiny_autoencoder(seed: int, latent_channels: int = LATENT_CHANNELS, **extra):
     from diffusers import AutoencoderKL
 
     _seeded(seed)
@@ -136,28 +135,20 @@ def tiny_vae(seed: int = 0, latent_channels: int = LATENT_CHANNELS):
         latent_channels=latent_channels,
         norm_num_groups=8,
         sample_size=16,
+        **extra,
     ).eval()
+
+
+def tiny_vae(seed: int = 0, latent_channels: int = LATENT_CHANNELS):
+    """``AutoencoderKL`` mapping 16x16x3 pixels to 8x8x4 latents."""
+    return _tiny_autoencoder(seed, latent_channels)
 
 
 def tiny_flux_vae(seed: int = 0):
-    from diffusers import AutoencoderKL
-
-    _seeded(seed)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        latent_channels=LATENT_CHANNELS,
-        norm_num_groups=8,
-        sample_size=16,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.06,
-        scaling_factor=0.9,
-    ).eval()
+    """FLUX-style autoencoder: no quant convs, latent shift and scale."""
+    return _tiny_autoencoder(
+        seed, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.06, scaling_factor=0.9
+    )
 
 
 def tiny_unet(seed: int = 0, cross_attention_dim: int = TEXT_HIDDEN):
