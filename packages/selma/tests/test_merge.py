@@ -212,11 +212,11 @@ def test_merged_weights_and_fused_output_equal_diffusers_set_adapters(tmp_path):
         if name in res.deltas:
             expect = sum(wi * brute_delta(ad, name) for wi, ad in zip(w, ads)).float()
             torch.testing.assert_close(mod.weight.detach() - w0[name], expect, atol=1e-5, rtol=1e-4)
-    # activation-space LoRA (diffusers) and fused weights (ours) sum in a different fp32 order; the error
-    # seen is ~1.6e-4 absolute on outputs of order 1-10 depending on thread count, while the inexact peft
-    # "linear" combination (negative control below) is off by > 30% relative
-    tol = 1e-5 * float(ref.abs().max()) + 1e-4
-    assert tol < 1e-3, tol
+    # activation-space LoRA (diffusers) and fused weights (ours) sum in a different fp32 order through
+    # large intermediate activations (deltas of 0.5 * randn); the error seen is up to ~1.6e-4 absolute on
+    # outputs of order 1, depending on thread count, while the inexact peft "linear" combination (the
+    # negative control above) is off by > 30% relative
+    tol = 5e-4
     torch.testing.assert_close(_unet_out(ours_pipe), ref, atol=tol, rtol=1e-4)
     # diffusers fuse_lora of the same mix equals it too
     ref_pipe.fuse_lora(adapter_names=["e0", "e1"])
