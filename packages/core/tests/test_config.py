@@ -73,7 +73,9 @@ def test_cli_config_error_exits_2_and_writes_nothing(tmp_path):
     )
     (tmp_path / "bad.yaml").write_text("stepz: 3\n")
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "bad.yaml"), str(out)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "bad.yaml"), str(out)], capture_output=True, text=True
+    )
     assert proc.returncode == 2
     assert "unknown key 'stepz'" in proc.stderr and "allowed keys here: steps" in proc.stderr
     assert not out.exists()

@@ -7,7 +7,13 @@ import torch
 from diffalign.core import testing as T
 from diffalign.core.models import ModelNotFoundError, resolve_model_path
 from diffalign.core.report import markdown_table, save_image_grid, scatter_plot, write_json
-from diffalign.core.rewards import check_pixel_images, get_reward, list_rewards, register_reward, unregister_reward
+from diffalign.core.rewards import (
+    check_pixel_images,
+    get_reward,
+    list_rewards,
+    register_reward,
+    unregister_reward,
+)
 
 
 class ConstReward:
@@ -91,13 +97,19 @@ def test_report_outputs(tmp_path):
 
 
 def test_umbrella_cli_help_and_info():
-    out = subprocess.run([sys.executable, "-m", "diffalign.core.cli", "--help"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "diffalign.core.cli", "--help"], capture_output=True, text=True
+    )
     assert out.returncode == 0 and "info" in out.stdout
-    info = subprocess.run([sys.executable, "-m", "diffalign.core.cli", "info"], capture_output=True, text=True)
+    info = subprocess.run(
+        [sys.executable, "-m", "diffalign.core.cli", "info"], capture_output=True, text=True
+    )
     assert info.returncode == 0, info.stderr
     assert "diffalign-core" in info.stdout and "torch" in info.stdout and "deepspeed" in info.stdout
     bad = subprocess.run(
-        [sys.executable, "-m", "diffalign.core.cli", "config", "schema", "nope"], capture_output=True, text=True
+        [sys.executable, "-m", "diffalign.core.cli", "config", "schema", "nope"],
+        capture_output=True,
+        text=True,
     )
     assert bad.returncode == 2 and "unknown method" in bad.stderr
 
@@ -112,7 +124,9 @@ def test_load_vlm_reads_a_saved_tiny_qwen2_5_vl(tmp_path):
     assert type(loaded).__name__ == "Qwen2_5_VLForConditionalGeneration"
     for (name, p), (_, q) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(p, q), name
-    assert loaded_processor.tokenizer("a red circle").input_ids == processor.tokenizer("a red circle").input_ids
+    assert (
+        loaded_processor.tokenizer("a red circle").input_ids == processor.tokenizer("a red circle").input_ids
+    )
 
 
 def test_load_pipeline_casts_every_component_to_one_dtype(tmp_path):
@@ -123,6 +137,10 @@ def test_load_pipeline_casts_every_component_to_one_dtype(tmp_path):
     pipe.text_encoder.half()
     pipe.save_pretrained(tmp_path / "pipe")
     loaded = load_pipeline(tmp_path / "pipe")
-    dtypes = {name: next(c.parameters()).dtype for name, c in loaded.components.items() if hasattr(c, "parameters")}
+    dtypes = {
+        name: next(c.parameters()).dtype for name, c in loaded.components.items() if hasattr(c, "parameters")
+    }
     assert set(dtypes.values()) == {torch.float32}, dtypes
-    assert next(load_pipeline(tmp_path / "pipe", dtype=torch.bfloat16).unet.parameters()).dtype == torch.bfloat16
+    assert (
+        next(load_pipeline(tmp_path / "pipe", dtype=torch.bfloat16).unet.parameters()).dtype == torch.bfloat16
+    )

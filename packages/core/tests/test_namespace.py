@@ -26,7 +26,11 @@ def test_every_package_has_release_files():
         text = (base / "pyproject.toml").read_text()
         assert 'version = "' in text, f"packages/{name} needs a static version"
         if name != "core":
-            assert '"diffalign-core>=0.1,<0.2"' in text, f"packages/{name} must pin core to a compatible range"
+            assert '"diffalign-core>=0.1,<0.2"' in text, (
+                f"packages/{name} must pin core to a compatible range"
+            )
             for other in PACKAGES:
                 if other not in ("core", name):
-                    assert f'"diffalign-{other}' not in text, f"packages/{name} must not depend on diffalign-{other}"
+                    assert f'"diffalign-{other}' not in text, (
+                        f"packages/{name} must not depend on diffalign-{other}"
+                    )

@@ -60,7 +60,10 @@ def config_schema_cmd(method: str = typer.Argument(..., help="Method name, e.g. 
     """Print the JSON schema of a method's recipe config."""
     eps = _config_classes()
     if method not in eps:
-        typer.echo(f"error: unknown method {method!r}; installed methods: {', '.join(sorted(eps)) or 'none'}", err=True)
+        typer.echo(
+            f"error: unknown method {method!r}; installed methods: {', '.join(sorted(eps)) or 'none'}",
+            err=True,
+        )
         raise typer.Exit(code=2)
     cls = eps[method].load()
     typer.echo(json.dumps(cls.model_json_schema(), indent=2))
@@ -78,7 +81,9 @@ def info() -> None:
     """Versions of diffalign packages and the libraries they build on, and available devices."""
     import torch
 
-    names = sorted({d.metadata["Name"] for d in distributions() if (d.metadata["Name"] or "").startswith("diffalign-")})
+    names = sorted(
+        {d.metadata["Name"] for d in distributions() if (d.metadata["Name"] or "").startswith("diffalign-")}
+    )
     typer.echo("diffalign packages:")
     for name in names:
         typer.echo(f"  {name:<28} {_version_of(name)}")
@@ -120,7 +125,10 @@ def register_method_apps() -> None:
         try:
             sub = ep.load()
         except Exception as err:  # a broken plugin must not take the whole CLI down
-            print(f"warning: could not load the {ep.name!r} command ({type(err).__name__}: {err})", file=sys.stderr)
+            print(
+                f"warning: could not load the {ep.name!r} command ({type(err).__name__}: {err})",
+                file=sys.stderr,
+            )
             continue
         app.add_typer(sub, name=ep.name)
 

@@ -62,7 +62,9 @@ def _read_file(path: Path) -> dict[str, Any]:
         elif suffix == ".json":
             data = json.loads(text)
         else:
-            raise ConfigError(f"unsupported config format {suffix!r} for {path}; use .yaml, .yml, .toml or .json")
+            raise ConfigError(
+                f"unsupported config format {suffix!r} for {path}; use .yaml, .yml, .toml or .json"
+            )
     except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
         raise ConfigError(f"could not parse {path}: {err}") from err
     if data is None:

@@ -48,34 +48,79 @@ class ArchitectureSpec:
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
     spec.name: spec
     for spec in (
-        ArchitectureSpec("sd14", "StableDiffusionPipeline", "unet", "CompVis/stable-diffusion-v1-4", "epsilon"),
         ArchitectureSpec(
-            "sd15", "StableDiffusionPipeline", "unet", "stable-diffusion-v1-5/stable-diffusion-v1-5", "epsilon"
+            "sd14", "StableDiffusionPipeline", "unet", "CompVis/stable-diffusion-v1-4", "epsilon"
         ),
         ArchitectureSpec(
-            "sd2", "StableDiffusionPipeline", "unet", "stabilityai/stable-diffusion-2-1", "v_prediction", native_resolution=768
+            "sd15",
+            "StableDiffusionPipeline",
+            "unet",
+            "stable-diffusion-v1-5/stable-diffusion-v1-5",
+            "epsilon",
         ),
         ArchitectureSpec(
-            "sdxl", "StableDiffusionXLPipeline", "unet", "stabilityai/stable-diffusion-xl-base-1.0", "epsilon",
+            "sd2",
+            "StableDiffusionPipeline",
+            "unet",
+            "stabilityai/stable-diffusion-2-1",
+            "v_prediction",
+            native_resolution=768,
+        ),
+        ArchitectureSpec(
+            "sdxl",
+            "StableDiffusionXLPipeline",
+            "unet",
+            "stabilityai/stable-diffusion-xl-base-1.0",
+            "epsilon",
             native_resolution=1024,
         ),
         ArchitectureSpec(
-            "pixart-alpha", "PixArtAlphaPipeline", "transformer", "PixArt-alpha/PixArt-XL-2-1024-MS", "epsilon",
+            "pixart-alpha",
+            "PixArtAlphaPipeline",
+            "transformer",
+            "PixArt-alpha/PixArt-XL-2-1024-MS",
+            "epsilon",
             native_resolution=1024,
         ),
         ArchitectureSpec(
-            "pixart-sigma", "PixArtSigmaPipeline", "transformer", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", "epsilon",
+            "pixart-sigma",
+            "PixArtSigmaPipeline",
+            "transformer",
+            "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
+            "epsilon",
             native_resolution=1024,
         ),
         ArchitectureSpec(
-            "flux", "FluxPipeline", "transformer", "black-forest-labs/FLUX.1-dev", "flow", native_resolution=1024
+            "flux",
+            "FluxPipeline",
+            "transformer",
+            "black-forest-labs/FLUX.1-dev",
+            "flow",
+            native_resolution=1024,
         ),
-        ArchitectureSpec("shapes-unet", "StableDiffusionPipeline", "unet", "shapes/unet", "v_prediction", native_resolution=32),
         ArchitectureSpec(
-            "shapes-dit", "PixArtAlphaPipeline", "transformer", "shapes/dit", "v_prediction", native_resolution=32
+            "shapes-unet",
+            "StableDiffusionPipeline",
+            "unet",
+            "shapes/unet",
+            "v_prediction",
+            native_resolution=32,
         ),
         ArchitectureSpec(
-            "qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration", "model", "Qwen/Qwen2.5-VL-7B-Instruct", "none", kind="vlm"
+            "shapes-dit",
+            "PixArtAlphaPipeline",
+            "transformer",
+            "shapes/dit",
+            "v_prediction",
+            native_resolution=32,
+        ),
+        ArchitectureSpec(
+            "qwen2.5-vl",
+            "Qwen2_5_VLForConditionalGeneration",
+            "model",
+            "Qwen/Qwen2.5-VL-7B-Instruct",
+            "none",
+            kind="vlm",
         ),
     )
 }
@@ -106,7 +151,9 @@ def resolve_model_path(source: str | os.PathLike) -> Path:
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ModelNotFoundError(f"{text} is a file; expected a model directory (diffusers or transformers layout)")
+            raise ModelNotFoundError(
+                f"{text} is a file; expected a model directory (diffusers or transformers layout)"
+            )
         return path
     if text.startswith((".", "/", "~")) or text.count("/") != 1:
         raise ModelNotFoundError(f"model directory not found: {text}")

@@ -52,7 +52,9 @@ def save_image_grid(
     w, h = pil[0].width * scale, pil[0].height * scale
     cap_h = 12 if captions else 0
     label_w = 8 * max((len(s) for s in row_labels), default=0) if row_labels else 0
-    grid = Image.new("RGB", (label_w + ncols * (w + padding) + padding, rows * (h + cap_h + padding) + padding), "white")
+    grid = Image.new(
+        "RGB", (label_w + ncols * (w + padding) + padding, rows * (h + cap_h + padding) + padding), "white"
+    )
     draw = ImageDraw.Draw(grid)
     for i, img in enumerate(pil):
         r, c = divmod(i, ncols)
@@ -141,7 +143,9 @@ def _fmt(value: Any, digits: int) -> str:
     return "" if value is None else str(value)
 
 
-def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, digits: int = 3) -> str:
+def markdown_table(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, digits: int = 3
+) -> str:
     """A GitHub-flavoured markdown table of ``rows`` (dicts) in ``columns`` order."""
     if not rows:
         return "(no rows)\n"

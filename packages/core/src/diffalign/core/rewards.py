@@ -91,7 +91,9 @@ def get_reward(name: str, **kwargs: Any) -> RewardModel:
             )
         factory = ep.load()
     reward = factory(**kwargs)
-    missing = [attr for attr in ("name", "differentiable", "input_range", "score") if not hasattr(reward, attr)]
+    missing = [
+        attr for attr in ("name", "differentiable", "input_range", "score") if not hasattr(reward, attr)
+    ]
     if missing:
         raise TypeError(f"reward {name!r} does not implement the RewardModel protocol; missing {missing}")
     return reward

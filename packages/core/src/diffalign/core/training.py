@@ -62,7 +62,13 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate(_as_tuple(state["python"]))
     npst = state["numpy"]
     np.random.set_state(
-        (npst["kind"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["cached_gaussian"])
+        (
+            npst["kind"],
+            npst["keys"].numpy().astype(np.uint32),
+            npst["pos"],
+            npst["has_gauss"],
+            npst["cached_gaussian"],
+        )
     )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():  # pragma: no cover
@@ -206,7 +212,12 @@ class EMA:
         return clone
 
     def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates, "shadow": self.shadow}
+        return {
+            "decay": self.decay,
+            "warmup": self.warmup,
+            "num_updates": self.num_updates,
+            "shadow": self.shadow,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.decay = state["decay"]
@@ -251,7 +262,9 @@ def progress(
     return tqdm(iterable, total=total, desc=desc, **kwargs)
 
 
-def make_tracker(accelerator: Any, run_dir: str | Path, project: str = "diffalign", config: dict | None = None):
+def make_tracker(
+    accelerator: Any, run_dir: str | Path, project: str = "diffalign", config: dict | None = None
+):
     """Initialise accelerate trackers (tensorboard when installed) logging under ``run_dir``.
 
     Returns a ``log(values, step)`` callable that is a no-op when no tracker is available.

@@ -61,7 +61,9 @@ def _seeded(seed: int):
     torch.manual_seed(seed)
 
 
-def tiny_clip_text_encoder(seed: int = 0, hidden_size: int = TEXT_HIDDEN, max_length: int = 16, vocab_size=None):
+def tiny_clip_text_encoder(
+    seed: int = 0, hidden_size: int = TEXT_HIDDEN, max_length: int = 16, vocab_size=None
+):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     _seeded(seed)
@@ -81,7 +83,9 @@ def tiny_clip_text_encoder(seed: int = 0, hidden_size: int = TEXT_HIDDEN, max_le
     return CLIPTextModel(config).eval()
 
 
-def tiny_clip_text_encoder_with_projection(seed: int = 1, hidden_size: int = TEXT_HIDDEN, max_length: int = 16):
+def tiny_clip_text_encoder_with_projection(
+    seed: int = 1, hidden_size: int = TEXT_HIDDEN, max_length: int = 16
+):
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     _seeded(seed)
@@ -294,7 +298,11 @@ def tiny_sdxl_pipeline(seed: int = 0):
         tokenizer_2=tiny_tokenizer(),
         unet=tiny_sdxl_unet(seed),
         scheduler=EulerDiscreteScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            timestep_spacing="leading",
+            steps_offset=1,
         ),
         force_zeros_for_empty_prompt=True,
     )
