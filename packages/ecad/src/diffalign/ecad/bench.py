@@ -13,6 +13,7 @@ best calibration reward at no more FLOPs ("matched FLOPs").
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import platform
@@ -114,30 +115,22 @@ def _measure(pipe, prompts, seeds, cfg, repeats: int, transformer_name: str, con
     sc = cfg.sampling
 
     def run():
-        if context:
+        scope = contextlib.nullcontext()
+        if context:  # diffusers' built-in caches need a cache context around the denoising loop
             from diffusers.models.cache_utils import CacheMixin
 
-            with CacheMixin.cache_context(pipe.transformer, "cond"):
-                return generate(
-                    pipe,
-                    prompts,
-                    seeds,
-                    sc.num_inference_steps,
-                    sc.guidance_scale,
-                    sc.height,
-                    sc.width,
-                    batch_size=max(16, sc.batch_size),
-                )
-        return generate(
-            pipe,
-            prompts,
-            seeds,
-            sc.num_inference_steps,
-            sc.guidance_scale,
-            sc.height,
-            sc.width,
-            batch_size=max(16, sc.batch_size),
-        )
+            scope = CacheMixin.cache_context(pipe.transformer, "cond")
+        with scope:
+            return generate(
+                pipe,
+                prompts,
+                seeds,
+                sc.num_inference_steps,
+                sc.guidance_scale,
+                sc.height,
+                sc.width,
+                batch_size=max(16, sc.batch_size),
+            )
 
     images = run()
     n = min(16, len(prompts))
