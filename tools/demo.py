@@ -93,8 +93,8 @@ DISTAR_SET = [
     "data.num_prompts=64",
     "fake_score.updates_per_generator_step=1",
 ]
-LISTENER_SET = ["sft.max_steps=8", "sft.batch_size=8", "sft.save_steps=1000", "sft.logging_steps=2"]
-LISTENER_BUILD = ["--listener-steps", "8", "--listener-pairs", "64"]
+LISTENER_SET = ["sft.max_steps=250", "sft.batch_size=16", "sft.save_steps=1000", "sft.logging_steps=50"]
+LISTENER_BUILD = ["--base-steps", "150", "--listener-steps", "8", "--listener-pairs", "64"]
 
 
 # --------------------------------------------------------------------------------------------- records

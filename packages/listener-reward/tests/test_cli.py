@@ -51,3 +51,15 @@ def test_missing_shapes_model_error_names_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFALIGN_LISTENER_SHAPES_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="build-models"):
         resolve_source("shapes/listener")
+
+
+def test_shapes_models_dir_is_independent_of_the_working_directory(monkeypatch, tmp_path):
+    from diffalign.listener_reward.modeling import SHAPES_DIR_ENV, shapes_models_dir
+
+    monkeypatch.setenv(SHAPES_DIR_ENV, str(tmp_path / "mine"))
+    assert shapes_models_dir() == tmp_path / "mine"
+    monkeypatch.delenv(SHAPES_DIR_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    assert shapes_models_dir() == tmp_path / "cache" / "diffalign" / "listener-reward" / "shapes-models"
+    assert shapes_models_dir().is_absolute()

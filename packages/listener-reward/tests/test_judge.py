@@ -54,6 +54,18 @@ def test_listener_judge_reward_model_protocol(judge, pairs):
     images = [p.images()[0] for p in pairs[:2]]
     scores = rm.score(images, [p.prompt for p in pairs[:2]])
     assert scores.shape == (2,) and ((scores >= 0) & (scores <= 1)).all()
+    # the batched score equals one comparison per (image, anchor) pair, image by image
+    anchors2 = default_anchors(16, 2)
+    rm2 = ListenerJudgeReward(judge, anchors2)
+    prompts3 = [p.prompt for p in pairs[:3]]
+    images3 = [p.images()[1] for p in pairs[:3]]
+    brute = torch.tensor(
+        [[judge.compare(pr, im, an).p_image_a for an in anchors2] for pr, im in zip(prompts3, images3)]
+    )
+    assert torch.allclose(rm2.score(images3, prompts3), brute.mean(1), atol=1e-5)
+    assert not torch.allclose(rm2.score(images3, prompts3), brute[:, 0], atol=1e-5) or torch.allclose(
+        brute[:, 0], brute[:, 1], atol=1e-5
+    )  # negative control: the first anchor alone is not the score
     tensor_images = torch.rand(2, 3, 16, 16) * 2 - 1
     assert rm.score(tensor_images, ["a red circle"] * 2).shape == (2,)
     with pytest.raises(ValueError):

@@ -125,6 +125,12 @@ def test_shapes_pairs_stand_in_and_core_adapter():
     for p in a:
         assert p.label in (1, 2) and p.faithful[0] != p.faithful[1]
         assert extract_answer(oracle_reasoning(p.faithful)) is None
+        # the faithful image is described exactly as the prompt, the other one differently
+        k = 0 if p.faithful[0] else 1
+        assert p.descriptions[k] == p.prompt and p.descriptions[1 - k] != p.prompt
+        reasoning = oracle_reasoning(p.faithful, p.descriptions)
+        assert extract_answer(reasoning) is None
+        assert reasoning.split(" . ")[k].rstrip(" .").endswith(f"{p.descriptions[k]} , match")
     try:
         from diffalign.core.shapes import make_preference_pairs  # noqa: F401
     except ImportError:
@@ -134,3 +140,33 @@ def test_shapes_pairs_stand_in_and_core_adapter():
     pairs = core_shapes_pairs(4, "test_ood", seed=0)
     assert pairs and all(p.label in (1, 2) and p.votes[p.label - 1] > p.votes[2 - p.label] for p in pairs)
     assert pairs[0].images()[0].size == (32, 32)
+
+
+def test_listener_items_follow_the_reasoning_and_captions_stay_in_distribution():
+    from diffalign.listener_reward.config import PromptsConfig
+    from diffalign.listener_reward.data import OOD_COMBOS, make_shapes_pairs
+    from diffalign.listener_reward.shapes_models import caption_items, listener_items
+
+    prompts = PromptsConfig()
+    pairs = make_shapes_pairs(200, "train", seed=3)
+    items = listener_items(pairs, prompts, seed=0)
+    kinds = {"faithful": 0, "swapped": 0, "empty": 0}
+    for pair, item in zip(pairs, items):
+        text = " ".join(b.get("text", "") for m in item["messages"] for b in m["content"])
+        truth = 1 if pair.faithful[0] else 2
+        answer = prompts.answer_tokens.index(item["completion"]) + 1
+        first = pair.descriptions[0]
+        if f"image 1 : {first} ," in text and " match ." in text and "mismatch" in text:
+            kinds["faithful"] += 1
+            assert answer == truth
+        elif f"image 1 : {pair.descriptions[1]} ," in text:
+            kinds["swapped"] += 1  # the reasoning argues for the other image; the answer follows it
+            assert answer == 3 - truth
+        elif "reasoning :  ." in text:
+            kinds["empty"] += 1
+            assert answer == truth
+    assert min(kinds.values()) > 10, kinds
+    captions = caption_items(64, seed=0)
+    for item in captions:
+        _, color, shape = item["completion"].split()
+        assert (color, shape) not in OOD_COMBOS and len(item["images"]) == 1

@@ -134,3 +134,32 @@ def test_every_shipped_recipe_validates():
                 and cfg.train.lr_scheduler == "constant"
             )
             assert cfg.prompts.rouge_threshold == 0.8 and cfg.merge.weights is None
+
+
+def test_eval_reward_kwargs_reach_the_reward_factory(tmp_path, tiny_model_dir):
+    from diffalign.core.config import load_config
+    from diffalign.core.rewards import register_reward
+    from diffalign.selma.config import SelmaConfig
+    from diffalign.selma.stages import stage_eval
+
+    seen = {}
+
+    class _Stop(Exception):
+        pass
+
+    def factory(**kwargs):
+        seen.update(kwargs)
+        raise _Stop
+
+    register_reward("selma-test-kwargs", factory, overwrite=True)
+    recipe = _recipe(tmp_path, tiny_model_dir)
+    cfg = load_config(
+        SelmaConfig,
+        recipe,
+        ["eval.rewards=[selma-test-kwargs]", "eval.reward_kwargs={selma-test-kwargs: {threshold: 0.5}}"],
+    )
+    with pytest.raises(_Stop):
+        stage_eval(cfg)
+    assert seen == {"threshold": 0.5}
+    res = CliRunner().invoke(app, ["eval", str(recipe), "--set", "eval.reward_kwargs={not-listed: {a: 1}}"])
+    assert res.exit_code == 2 and "not-listed" in res.output

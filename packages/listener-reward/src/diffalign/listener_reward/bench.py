@@ -28,24 +28,30 @@ SHAPES_RECIPE = Path(__file__).resolve().parents[3] / "recipes" / "shapes.yaml"
 QUICK = dict(
     num_train=256,
     num_eval=100,
-    listener_steps=150,
+    base_steps=300,
+    listener_steps=400,
+    listener_batch=32,
     listener_pairs=1200,
-    scorer_steps=100,
+    scorer_steps=150,
     sft_steps=150,
     grpo_steps=16,
 )
 FULL = dict(
     num_train=1024,
     num_eval=300,
-    listener_steps=600,
+    base_steps=600,
+    listener_steps=2000,
+    listener_batch=32,
     listener_pairs=4000,
-    scorer_steps=400,
-    sft_steps=600,
+    scorer_steps=1200,
+    sft_steps=1200,
     grpo_steps=80,
 )
 
 
-def bench_config(budget: dict, work: Path, seed: int = 0) -> ListenerRewardRecipe:
+def bench_config(
+    budget: dict, work: Path, seed: int = 0, extra: list[str] | None = None
+) -> ListenerRewardRecipe:
     from diffalign.core.config import load_config
 
     overrides = [
@@ -58,6 +64,7 @@ def bench_config(budget: dict, work: Path, seed: int = 0) -> ListenerRewardRecip
         f"grpo.init_from={work / 'sft' / 'final'}",
         f"model.reasoner={work / 'models' / 'reasoner'}",
         f"model.listener={work / 'models' / 'listener'}",
+        *(extra or []),
     ]
     path = SHAPES_RECIPE if SHAPES_RECIPE.is_file() else None
     return load_config(ListenerRewardRecipe, path, overrides)
@@ -92,7 +99,14 @@ def evaluate_scorer(scorer, pairs) -> dict:
     }
 
 
-def run(out: Path, quick: bool, work: Path | None = None, seed: int = 0) -> dict:
+def run(
+    out: Path,
+    quick: bool,
+    work: Path | None = None,
+    seed: int = 0,
+    budget_overrides: dict | None = None,
+    overrides: list[str] | None = None,
+) -> dict:
     from diffalign.listener_reward.data import load_pairs
     from diffalign.listener_reward.evaluate import evaluate_judge
     from diffalign.listener_reward.judge import PreferenceJudge
@@ -107,9 +121,9 @@ def run(out: Path, quick: bool, work: Path | None = None, seed: int = 0) -> dict
     from diffalign.listener_reward.train import run_grpo, run_sft
 
     torch.set_num_threads(1)
-    budget = QUICK if quick else FULL
+    budget = {**(QUICK if quick else FULL), **(budget_overrides or {})}
     work = Path(work or Path("runs/listener-reward") / ("bench-quick" if quick else "bench"))
-    cfg = bench_config(budget, work, seed)
+    cfg = bench_config(budget, work, seed, overrides)
     timings: dict = {}
     started = time.time()
     train_pairs = load_pairs(cfg.data, "train")
@@ -117,13 +131,22 @@ def run(out: Path, quick: bool, work: Path | None = None, seed: int = 0) -> dict
 
     models = work / "models"
     _stage(
-        "reasoner_init", models / "reasoner", lambda: build_reasoner_init(cfg, models / "reasoner"), timings
+        "reasoner_init",
+        models / "reasoner",
+        lambda: build_reasoner_init(cfg, models / "reasoner", base_steps=budget["base_steps"]),
+        timings,
     )
     _stage(
         "listener",
         models / "listener",
         lambda: train_listener(
-            cfg, models / "listener", budget["listener_steps"], budget["listener_pairs"], seed=1000 + seed
+            cfg,
+            models / "listener",
+            budget["listener_steps"],
+            budget["listener_pairs"],
+            seed=1000 + seed,
+            base_steps=budget["base_steps"],
+            batch_size=budget["listener_batch"],
         ),
         timings,
     )
@@ -131,7 +154,7 @@ def run(out: Path, quick: bool, work: Path | None = None, seed: int = 0) -> dict
         "single_image_scorer",
         models / "scorer",
         lambda: train_single_image_scorer(
-            cfg, train_pairs, models / "scorer", budget["scorer_steps"], seed=seed
+            cfg, train_pairs, models / "scorer", budget["scorer_steps"], seed=seed, init=models / "reasoner"
         ),
         timings,
     )
@@ -230,9 +253,25 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--work", type=Path, default=None, help="stage directory (resumable)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--budget",
+        action="append",
+        default=[],
+        metavar="KEY=N",
+        help="override one budget entry, e.g. sft_steps=600",
+    )
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="recipe override"
+    )
     args = parser.parse_args(argv)
+    budget = {}
+    for item in args.budget:
+        key, _, value = item.partition("=")
+        if key not in FULL or not value.isdigit():
+            parser.error(f"--budget expects KEY=N with KEY in {sorted(FULL)}; got {item!r}")
+        budget[key] = int(value)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    run(args.out, args.quick, args.work, args.seed)
+    run(args.out, args.quick, args.work, args.seed, budget, args.overrides)
 
 
 if __name__ == "__main__":

@@ -31,8 +31,12 @@ def build_models(
     overrides: list[str] = SetOpt,
     listener_steps: int = typer.Option(600, help="listener training steps"),
     listener_pairs: int = typer.Option(3000, help="listener training pairs (its own seed)"),
+    base_steps: int = typer.Option(
+        600, help="captioning pre-training steps of each base VLM (0: random init)"
+    ),
 ) -> None:
-    """Shapes world: build the reasoner initialisation and train the independent listener."""
+    """Shapes world: build the reasoner initialisation (a captioning base VLM) and train the independent
+    listener from its own base."""
     from diffalign.core.config import save_config
     from diffalign.listener_reward.modeling import shapes_models_dir
     from diffalign.listener_reward.shapes_models import build_reasoner_init, train_listener
@@ -40,8 +44,9 @@ def build_models(
     cfg = _cfg(recipe, overrides)
     root = shapes_models_dir()
     save_config(cfg, root)
-    typer.echo(f"reasoner init: {build_reasoner_init(cfg, root / 'reasoner')}")
-    typer.echo(f"listener: {train_listener(cfg, root / 'listener', listener_steps, listener_pairs)}")
+    typer.echo(f"reasoner init: {build_reasoner_init(cfg, root / 'reasoner', base_steps=base_steps)}")
+    listener = train_listener(cfg, root / "listener", listener_steps, listener_pairs, base_steps=base_steps)
+    typer.echo(f"listener: {listener}")
 
 
 @app.command()

@@ -32,6 +32,7 @@ class PairExample:
     faithful: tuple[bool, bool] | None = None
     votes: tuple[float, float] | None = None
     record_id: str | None = None
+    descriptions: tuple[str, str] | None = None  # shapes world: what each image shows ("a red circle")
 
     def images(self):
         return [_open(self.image_a), _open(self.image_b)]
@@ -48,9 +49,20 @@ def _open(image):
     return image
 
 
-def oracle_reasoning(faithful: tuple[bool, bool]) -> str:
-    """The shapes-world reasoning: a per-image verdict against the prompt (never the answer itself)."""
-    return " ".join(f"image {k} : {'match' if ok else 'mismatch'} ." for k, ok in zip((1, 2), faithful))
+def oracle_reasoning(faithful: tuple[bool, bool], descriptions: tuple[str, str] | None = None) -> str:
+    """The shapes-world reasoning: per image, what it shows (when known) and a verdict against the prompt
+    (never the answer itself), e.g. ``image 1 : a red circle , match . image 2 : a blue circle , mismatch .``"""
+    if descriptions is None:
+        return " ".join(f"image {k} : {'match' if ok else 'mismatch'} ." for k, ok in zip((1, 2), faithful))
+    return " ".join(
+        f"image {k} : {d} , {'match' if ok else 'mismatch'} ."
+        for k, d, ok in zip((1, 2), descriptions, faithful)
+    )
+
+
+def caption_text(color: str, shape: str) -> str:
+    """The description of a one-shape render, worded like the stand-in prompts."""
+    return f"a {color} {shape}"
 
 
 # -------------------------------------------------------------------------------------- shapes stand-in
@@ -111,11 +123,15 @@ def make_shapes_pairs(
         bad = render_shape(*wrong, image_size, rng, noise=rng.uniform(0.0, 0.08))
         faithful_first = rng.random() < 0.5
         images = (good, bad) if faithful_first else (bad, good)
+        descs = (caption_text(color, shape), caption_text(*wrong))
+        descs = descs if faithful_first else descs[::-1]
         faithful = (faithful_first, not faithful_first)
         truth = 1 if faithful_first else 2
         label = truth if rng.random() >= annotator_noise else 3 - truth
         pairs.append(
-            PairExample(f"a {color} {shape}", images[0], images[1], label, faithful, None, f"{split}-{i}")
+            PairExample(
+                caption_text(color, shape), images[0], images[1], label, faithful, None, f"{split}-{i}", descs
+            )
         )
     return pairs
 
@@ -214,11 +230,12 @@ def grpo_rows(pairs: list[PairExample], prompts: PromptsConfig) -> list[dict]:
 
 
 def sft_target(pair: PairExample, prompts: PromptsConfig, target: str = "oracle") -> str:
-    """SFT completion: oracle per-image verdicts (shapes world) then the human label; or answer only."""
+    """SFT completion: oracle per-image descriptions and verdicts (shapes world) then the human label; or
+    answer only."""
     if target == "oracle":
         if pair.faithful is None:
             raise ValueError("sft.target=oracle needs per-image faithfulness (shapes world); use answer_only")
-        reasoning = oracle_reasoning(pair.faithful)
+        reasoning = oracle_reasoning(pair.faithful, pair.descriptions)
     else:
         reasoning = "look at both images ."
     return format_completion(reasoning, pair.label, prompts.answer_format)
@@ -226,6 +243,7 @@ def sft_target(pair: PairExample, prompts: PromptsConfig, target: str = "oracle"
 
 __all__ = [
     "PairExample",
+    "caption_text",
     "grpo_rows",
     "load_pairs",
     "core_shapes_pairs",

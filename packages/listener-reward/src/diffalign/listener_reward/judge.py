@@ -175,10 +175,15 @@ class ListenerJudgeReward:
         if not images:
             return torch.zeros(0)
         anchors = self.anchors or default_anchors(images[0].size[0], self.num_anchors)
-        scores = []
-        for image, prompt in zip(images, prompts):
-            scores.append(self.judge.win_probabilities(prompt, [image], anchors).mean())
-        return torch.stack(scores)
+        # every (image, anchor) comparison of the whole batch in one batched judge call
+        k = len(anchors)
+        results = self.judge.compare_batch(
+            [p for p in prompts for _ in range(k)],
+            [im for im in images for _ in range(k)],
+            [a for _ in images for a in anchors],
+        )
+        wins = torch.tensor([r.p_image_a for r in results], dtype=torch.float32)
+        return wins.view(len(images), k).mean(dim=1)
 
 
 def _as_pil_list(images) -> list:

@@ -12,7 +12,12 @@ SHAPES_DIR_ENV = "DIFFALIGN_LISTENER_SHAPES_DIR"
 
 
 def shapes_models_dir() -> Path:
-    return Path(os.environ.get(SHAPES_DIR_ENV, "runs/listener-reward/shapes-models"))
+    """Where ``build-models`` writes and ``shapes/<name>`` ids are read: ``$DIFFALIGN_LISTENER_SHAPES_DIR``,
+    else a per-user cache (``$XDG_CACHE_HOME`` or ``~/.cache``), so the ids resolve from any directory."""
+    if os.environ.get(SHAPES_DIR_ENV):
+        return Path(os.environ[SHAPES_DIR_ENV])
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "diffalign" / "listener-reward" / "shapes-models"
 
 
 def resolve_source(source: str | os.PathLike) -> str:

@@ -2,6 +2,11 @@
 scorer baseline, all ``Qwen2_5_VLForConditionalGeneration`` built from configs with the offline word
 tokenizer (``diffalign.core.testing.vlm``), trained here on CPU.
 
+* **base VLM**: real recipes start from a pretrained VLM that can already describe an image. The shapes
+  stand-in for that pretraining is captioning: (image, "look at the image :") -> "a red circle" on
+  training colour-shape combinations only. Every model below starts from such a base; the listener from
+  its own (other seed, other images).
+
 * **listener**: its own seed and its own preference pairs (never the reasoner's); trained to read
   (prompt, images, answer-free reasoning) and put the answer token on the image the reasoning supports,
   or, when the reasoning is empty or undecided, on the image that matches the prompt. Frozen afterwards.
@@ -18,7 +23,14 @@ from pathlib import Path
 import torch
 
 from diffalign.listener_reward.config import ListenerRewardRecipe, PromptsConfig
-from diffalign.listener_reward.data import PairExample, make_shapes_pairs, oracle_reasoning
+from diffalign.listener_reward.data import (
+    PairExample,
+    caption_text,
+    make_shapes_pairs,
+    oracle_reasoning,
+    render_shape,
+    shapes_combos,
+)
 from diffalign.listener_reward.modeling import answer_probabilities, answer_token_ids
 from diffalign.listener_reward.prompts import listener_messages
 from diffalign.listener_reward.train import save_vlm, train_completions
@@ -42,23 +54,86 @@ def new_tiny_vlm(seed: int, cfg: ListenerRewardRecipe, **overrides):
     return tiny_qwen2_5_vl(seed, min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels, **sizes)
 
 
+CAPTION_QUESTION = "look at the image :"
+
+
+def caption_items(n: int, seed: int, image_size: int = 16) -> list[dict]:
+    """Captioning data for the base VLM: one render of a training colour-shape combination each."""
+    rng = random.Random(f"caption-{seed}")
+    combos = shapes_combos("train")
+    items = []
+    for _ in range(n):
+        color, shape = rng.choice(combos)
+        image = render_shape(color, shape, image_size, rng, noise=rng.uniform(0.0, 0.08))
+        items.append(
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image"}, {"type": "text", "text": CAPTION_QUESTION}],
+                    }
+                ],
+                "images": [image],
+                "completion": caption_text(color, shape),
+            }
+        )
+    return items
+
+
+def pretrain_base_vlm(
+    cfg: ListenerRewardRecipe,
+    ckpt_dir: str | Path,
+    steps: int,
+    seed: int,
+    num_images: int = 8192,
+    lr: float = 3e-3,
+    batch_size: int = 32,
+):
+    """A fresh tiny VLM (``seed``) taught to caption shapes renders for ``steps`` steps; returns
+    ``(model, processor)``. ``steps=0`` returns the random initialisation."""
+    model, processor = new_tiny_vlm(seed, cfg)
+    if steps > 0:
+        torch.manual_seed(seed)
+        train_completions(
+            model,
+            processor,
+            caption_items(num_images, seed, cfg.data.image_size),
+            ckpt_dir,
+            learning_rate=lr,
+            max_steps=steps,
+            batch_size=batch_size,
+            seed=seed,
+            add_eos=False,
+            warmup_steps=min(20, steps // 5),
+            save_steps=max(steps // 2, 1),
+            logging_steps=max(steps // 10, 1),
+        )
+    return model, processor
+
+
 def listener_items(pairs: list[PairExample], prompts: PromptsConfig, seed: int = 0) -> list[dict]:
-    """Listener training data: 50% faithful reasoning, 20% reasoning with swapped verdicts (the answer
-    follows the reasoning), 30% empty or undecided reasoning (the answer follows the images)."""
+    """Listener training data: 50% faithful reasoning, 20% reasoning that argues for the other image
+    (descriptions and verdicts swapped; the answer follows the reasoning), 30% empty or undecided
+    reasoning (the answer follows the images)."""
     rng = random.Random(seed)
     items = []
     for pair in pairs:
         truth = 1 if pair.faithful[0] else 2
+        descs = pair.descriptions
         u = rng.random()
         if u < 0.5:
-            reasoning, answer = oracle_reasoning(pair.faithful), truth
+            reasoning, answer = oracle_reasoning(pair.faithful, descs), truth
         elif u < 0.7:
-            reasoning, answer = oracle_reasoning((not pair.faithful[0], not pair.faithful[1])), 3 - truth
+            swapped = None if descs is None else (descs[1], descs[0])
+            reasoning, answer = (
+                oracle_reasoning((not pair.faithful[0], not pair.faithful[1]), swapped),
+                3 - truth,
+            )
         elif u < 0.85:
             reasoning, answer = "", truth
         else:
             both = rng.random() < 0.5
-            reasoning, answer = oracle_reasoning((both, both)), truth
+            reasoning, answer = oracle_reasoning((both, both), descs), truth
         items.append(
             {
                 "messages": listener_messages(pair.prompt, reasoning, prompts),
@@ -134,9 +209,14 @@ def train_listener(
     lr: float = 2e-3,
     batch_size: int = 16,
     seed: int = 1000,
+    base_steps: int = 0,
 ) -> Path:
-    """Train the independent listener on its own pairs and seed; save it (safetensors) to ``out_dir``."""
-    model, processor = new_tiny_vlm(seed, cfg)
+    """Train the independent listener on its own pairs and seed, from its own captioning base
+    (``base_steps``); save it (safetensors) to ``out_dir``."""
+    out_dir = Path(out_dir)
+    model, processor = pretrain_base_vlm(
+        cfg, out_dir.with_name(out_dir.name + "-base-ckpt"), base_steps, seed
+    )
     pairs = make_shapes_pairs(num_pairs, "train", seed, cfg.data.image_size, cfg.data.annotator_noise)
     items = listener_items(pairs, cfg.prompts, seed)
     torch.manual_seed(seed)
@@ -166,8 +246,16 @@ def train_single_image_scorer(
     lr: float = 2e-3,
     batch_size: int = 16,
     seed: int = 0,
+    init: str | Path | None = None,
 ) -> Path:
-    model, processor = new_tiny_vlm(seed, cfg)
+    """The single-image baseline, from ``init`` (the reasoner's initialisation, so both start equal) or a
+    random model."""
+    if init is not None:
+        from diffalign.core.testing.vlm import load_tiny_vlm
+
+        model, processor = load_tiny_vlm(init)
+    else:
+        model, processor = new_tiny_vlm(seed, cfg)
     torch.manual_seed(seed)
     train_completions(
         model,
@@ -187,17 +275,25 @@ def train_single_image_scorer(
     return save_vlm(model, processor, out_dir)
 
 
-def build_reasoner_init(cfg: ListenerRewardRecipe, out_dir: str | Path, seed: int | None = None) -> Path:
-    model, processor = new_tiny_vlm(cfg.seed if seed is None else seed, cfg)
+def build_reasoner_init(
+    cfg: ListenerRewardRecipe, out_dir: str | Path, seed: int | None = None, base_steps: int = 0
+) -> Path:
+    """The reasoner's starting point: a captioning base VLM (``base_steps``; 0 = random init)."""
+    out_dir = Path(out_dir)
+    model, processor = pretrain_base_vlm(
+        cfg, out_dir.with_name(out_dir.name + "-base-ckpt"), base_steps, cfg.seed if seed is None else seed
+    )
     return save_vlm(model, processor, out_dir)
 
 
 __all__ = [
     "SingleImageScorer",
     "build_reasoner_init",
+    "caption_items",
     "listener_items",
     "new_tiny_vlm",
     "pointwise_items",
+    "pretrain_base_vlm",
     "train_listener",
     "train_single_image_scorer",
 ]

@@ -8,7 +8,7 @@ projections, AdamW lr 3e-4 constant with no warm-up, weight decay 1e-2, uniform 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -153,6 +153,8 @@ class EvalConfig(Config):
     prompt_seed: int = 1234
     faithfulness: Literal["shapes", "none"] = "shapes"
     rewards: list[str] = Field(default_factory=list)
+    # keyword arguments per reward name, e.g. {"listener-judge": {"source": "/models/judge"}}
+    reward_kwargs: dict[str, dict[str, Any]] = Field(default_factory=dict)
     models: list[Literal["base", "experts", "mixed", "merged"]] = Field(
         default_factory=lambda: ["base", "merged"]
     )
@@ -163,6 +165,13 @@ class EvalConfig(Config):
     batch_size: int = Field(16, ge=1)
     seed: int = 0
     save_grids: bool = True
+
+    @model_validator(mode="after")
+    def _reward_kwargs_named(self):
+        unknown = sorted(set(self.reward_kwargs) - set(self.rewards))
+        if unknown:
+            raise ValueError(f"eval.reward_kwargs names rewards that are not in eval.rewards: {unknown}")
+        return self
 
 
 class SelmaConfig(Config):

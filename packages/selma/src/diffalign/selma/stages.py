@@ -351,7 +351,7 @@ def stage_eval(
     if e.rewards:
         from diffalign.core.rewards import get_reward
 
-        rewards = {name: get_reward(name) for name in e.rewards}
+        rewards = {name: get_reward(name, **e.reward_kwargs.get(name, {})) for name in e.rewards}
     wanted = models or _expand_models(cfg, e.models)
     results = {}
     out = cfg.path("eval")
