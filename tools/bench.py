@@ -59,6 +59,18 @@ def _columns(rows: list[dict]) -> list[str]:
     return cols
 
 
+MAX_LOG_ROWS = 12
+
+
+def _spaced(key: str, rows: list[dict], limit: int = MAX_LOG_ROWS) -> tuple[list[dict], str]:
+    """Long training logs (keys naming a log/history/curve) are shown as ``limit`` evenly spaced rows,
+    first and last included; result tables are always shown whole."""
+    if len(rows) <= limit or not any(w in key for w in ("log", "history", "curve")):
+        return rows, ""
+    idx = sorted({round(i * (len(rows) - 1) / (limit - 1)) for i in range(limit)})
+    return [rows[i] for i in idx], f" ({len(idx)} of {len(rows)} rows, evenly spaced; all in the JSON)"
+
+
 def render(name: str, result: dict) -> str:
     sys.path.insert(0, str(ROOT / "packages" / "core" / "src"))
     from diffalign.core.report import markdown_table
@@ -69,7 +81,8 @@ def render(name: str, result: dict) -> str:
         lines.append("\n".join(f"- **{k}**: {v}" for k, v in meta.items()) + "\n")
     for key, value in result.items():
         if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
-            lines.append(f"\n**{key}**\n\n" + markdown_table(value))
+            shown, note = _spaced(key, value)
+            lines.append(f"\n**{key}**{note}\n\n" + markdown_table(shown))
         elif isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
             rows = [{"name": k, **_flatten(v)} for k, v in value.items()]
             lines.append(f"\n**{key}**\n\n" + markdown_table(rows, _columns(rows)))
@@ -80,7 +93,8 @@ def render(name: str, result: dict) -> str:
                 lines.append(f"\n**{key}**\n\n" + markdown_table([flat]))
             for sub, subvalue in nested.items():
                 if isinstance(subvalue, list) and subvalue and all(isinstance(r, dict) for r in subvalue):
-                    lines.append(f"\n**{key}.{sub}**\n\n" + markdown_table(subvalue))
+                    shown, note = _spaced(sub, subvalue)
+                    lines.append(f"\n**{key}.{sub}**{note}\n\n" + markdown_table(shown))
     return "\n".join(lines) + "\n"
 
 

@@ -44,8 +44,8 @@ FULL = dict(
     listener_batch=32,
     listener_pairs=4000,
     scorer_steps=1200,
-    sft_steps=1200,
-    grpo_steps=80,
+    sft_steps=1000,
+    grpo_steps=400,
 )
 
 

@@ -11,6 +11,9 @@ On held-out prompts of every skill, with the same prompts and seeds for every mo
 - weak-to-strong: experts trained on images from a weaker generator (few-step sampling of the
   same teacher, or ``--weak-model``), merged by averaging.
 
+``--reward-filter T`` runs the same comparison on training images filtered by the shapes-faithfulness
+reward (kept if >= T; DreamSync-style, an extension SELMA does not use).
+
 It reports per-skill and mean DSG-style faithfulness and FID (verifier features), the differences to
 the base model, and the issue's targets (merged >= base + 3 points mean faithfulness, >= the mixed
 LoRA, no skill more than 1 point below base), whether they are met or not.
@@ -36,6 +39,13 @@ def bench_config(args, run_dir: Path, weak: bool = False) -> SelmaConfig:
     }
     if weak and args.weak_model:
         images = {**images, "generator": args.weak_model, "num_inference_steps": args.sample_steps}
+    if getattr(args, "reward_filter", None) is not None:
+        # DreamSync-style extension (not in SELMA): keep only generated images the reward accepts
+        images["reward_filter"] = {
+            "enabled": True,
+            "reward": "shapes-faithfulness",
+            "threshold": args.reward_filter,
+        }
     return SelmaConfig.model_validate(
         {
             "run_dir": str(run_dir),
@@ -128,6 +138,13 @@ def main(argv: list[str] | None = None) -> dict:
         "--train-steps", type=int, default=None, help="steps per expert (the mixed LoRA gets their sum)"
     )
     ap.add_argument("--eval-per-skill", type=int, default=None)
+    ap.add_argument(
+        "--reward-filter",
+        type=float,
+        default=None,
+        metavar="THRESHOLD",
+        help="keep only generated training images whose shapes-faithfulness is >= THRESHOLD (an extension)",
+    )
     args = ap.parse_args(argv)
 
     t0 = time.time()
