@@ -63,3 +63,38 @@ def test_shapes_models_dir_is_independent_of_the_working_directory(monkeypatch, 
     monkeypatch.chdir(tmp_path)
     assert shapes_models_dir() == tmp_path / "cache" / "diffalign" / "listener-reward" / "shapes-models"
     assert shapes_models_dir().is_absolute()
+
+
+def test_judge_and_eval_commands_on_tiny_models(tiny_dirs, pairs, tmp_path):
+    import json
+
+    shapes = Path(__file__).resolve().parents[1] / "recipes" / "shapes.yaml"
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    pairs[0].images()[0].save(a)
+    pairs[0].images()[1].save(b)
+    sets = [
+        "--set",
+        f"model.listener={tiny_dirs['listener']}",
+        "--set",
+        "judge.max_new_tokens=4",
+        "--set",
+        "data.num_eval=4",
+        "--set",
+        f"eval.output={tmp_path / 'eval.json'}",
+        "--set",
+        "eval.bootstrap=20",
+    ]
+    runner = CliRunner()
+    res = runner.invoke(
+        app,
+        ["judge", str(shapes), "--prompt", pairs[0].prompt, "--image-a", str(a), "--image-b", str(b)]
+        + ["--checkpoint", tiny_dirs["reasoner"], *sets],
+    )
+    assert res.exit_code == 0, res.output
+    verdict = json.loads(res.output[res.output.index("{") :])
+    assert verdict["choice"] in (1, 2) and 0.5 <= verdict["probability"] <= 1
+    res = runner.invoke(app, ["eval", str(shapes), "--checkpoint", tiny_dirs["reasoner"], *sets])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["checkpoint"] == tiny_dirs["reasoner"]
+    assert {"test_id", "test_ood"} <= set(report) and report["test_id"]["n"] == 4

@@ -25,6 +25,22 @@ def _cfg(path, overrides):
     return load_config_or_exit(RECIPE_CONFIG, path, overrides or [])
 
 
+def _load_judge(cfg, checkpoint: str | None):
+    """The reasoner to judge with: ``checkpoint``, else ``eval.checkpoint``, else the GRPO output."""
+    from diffalign.listener_reward.judge import PreferenceJudge
+
+    source = checkpoint or cfg.eval.checkpoint or str(Path(cfg.grpo.output_dir) / "final")
+    judge = PreferenceJudge.from_pretrained(
+        source,
+        cfg.prompts,
+        cfg.judge,
+        device=cfg.device,
+        min_pixels=cfg.model.min_pixels,
+        max_pixels=cfg.model.max_pixels,
+    )
+    return source, judge
+
+
 @app.command("build-models")
 def build_models(
     recipe: Path = ConfigArg,
@@ -80,20 +96,11 @@ def evaluate(
     """Pairwise accuracy with CIs and listener-disagreement rate on every eval split."""
     from diffalign.listener_reward.data import load_pairs
     from diffalign.listener_reward.evaluate import evaluate_judge
-    from diffalign.listener_reward.judge import PreferenceJudge
     from diffalign.listener_reward.modeling import load_vlm_and_processor
     from diffalign.listener_reward.rewards import LocalListener
 
     cfg = _cfg(recipe, overrides)
-    source = checkpoint or cfg.eval.checkpoint or str(Path(cfg.grpo.output_dir) / "final")
-    judge = PreferenceJudge.from_pretrained(
-        source,
-        cfg.prompts,
-        cfg.judge,
-        device=cfg.device,
-        min_pixels=cfg.model.min_pixels,
-        max_pixels=cfg.model.max_pixels,
-    )
+    source, judge = _load_judge(cfg, checkpoint)
     listener_model, listener_processor = load_vlm_and_processor(
         cfg.model.listener, cfg.model.dtype, cfg.device, cfg.model.min_pixels, cfg.model.max_pixels
     )
@@ -126,18 +133,8 @@ def judge(
     """Compare two images for a prompt: prints choice, probability and reasoning as JSON."""
     from PIL import Image
 
-    from diffalign.listener_reward.judge import PreferenceJudge
-
     cfg = _cfg(recipe, overrides)
-    source = checkpoint or cfg.eval.checkpoint or str(Path(cfg.grpo.output_dir) / "final")
-    pj = PreferenceJudge.from_pretrained(
-        source,
-        cfg.prompts,
-        cfg.judge,
-        device=cfg.device,
-        min_pixels=cfg.model.min_pixels,
-        max_pixels=cfg.model.max_pixels,
-    )
+    _, pj = _load_judge(cfg, checkpoint)
     result = pj.compare(prompt, Image.open(image_a).convert("RGB"), Image.open(image_b).convert("RGB"))
     typer.echo(
         json.dumps(
