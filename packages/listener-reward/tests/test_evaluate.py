@@ -86,3 +86,41 @@ def test_bootstrap_ci_contains_mean_and_shrinks():
     lo2, hi2 = bootstrap_ci(large, 500, seed=0)
     assert hi2 - lo2 < hi - lo
     assert bootstrap_ci(small, 200, seed=3) == bootstrap_ci(small, 200, seed=3)
+
+
+def test_bench_aggregate_over_seeds_matches_numpy():
+    import numpy as np
+
+    from diffalign.listener_reward.bench import aggregate, aggregate_table
+
+    rng = np.random.default_rng(0)
+    judges = ("single_image_scorer", "sft", "grpo_naive", "grpo_listener")
+    reports = []
+    for seed in range(3):
+        results = {}
+        for j in judges:
+            results[j] = {
+                s: {
+                    "accuracy": float(rng.uniform(0.4, 0.9)),
+                    "contradiction_rate": None if j == "single_image_scorer" else float(rng.uniform(0, 0.3)),
+                }
+                for s in ("test_id", "test_ood")
+            }
+        reports.append({"seed": seed, "budget": {"sft_steps": 10}, "results": results})
+    agg = aggregate(reports)
+    acc = [r["results"]["sft"]["test_ood"]["accuracy"] for r in reports]
+    got = agg["judges"]["sft"]["test_ood"]["accuracy"]
+    assert np.isclose(got["mean"], np.mean(acc)) and np.isclose(got["sd"], np.std(acc, ddof=1))
+    assert not np.isclose(got["sd"], np.std(acc))  # negative control: the population sd is not reported
+    assert agg["judges"]["single_image_scorer"]["test_id"]["contradiction_rate"] is None
+    diffs = agg["paired"]["listener_minus_naive"]["test_id"]["accuracy"]["per_seed"]
+    want = [
+        r["results"]["grpo_listener"]["test_id"]["accuracy"]
+        - r["results"]["grpo_naive"]["test_id"]["accuracy"]
+        for r in reports
+    ]
+    assert np.allclose(diffs, want)
+    assert "listener_minus_naive" in aggregate_table(agg)
+    reports[1]["budget"] = {"sft_steps": 20}
+    with pytest.raises(ValueError, match="budget"):
+        aggregate(reports)

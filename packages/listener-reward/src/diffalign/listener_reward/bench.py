@@ -236,6 +236,78 @@ def run(
     return report
 
 
+def aggregate(reports: list[dict]) -> dict:
+    """Seeds of the same budget -> per judge and split: mean and sample sd of accuracy and contradiction
+    rate, and the per-seed paired differences listener-shaped minus naive GRPO and naive GRPO minus SFT."""
+    if not reports:
+        raise ValueError("aggregate needs at least one bench report")
+    budgets = {json.dumps(r["budget"], sort_keys=True) for r in reports}
+    if len(budgets) > 1:
+        raise ValueError("reports were run with different budgets; aggregate only seeds of one budget")
+
+    def stats(values):
+        v = np.asarray([x for x in values if x is not None], dtype=float)
+        if v.size == 0:
+            return None
+        return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size)}
+
+    out: dict = {"seeds": [r["seed"] for r in reports], "budget": reports[0]["budget"], "judges": {}}
+    for name in reports[0]["results"]:
+        out["judges"][name] = {
+            split: {
+                metric: stats([r["results"][name][split].get(metric) for r in reports])
+                for metric in ("accuracy", "contradiction_rate")
+            }
+            for split in reports[0]["results"][name]
+        }
+    pairs = {
+        "listener_minus_naive": ("grpo_listener", "grpo_naive"),
+        "naive_minus_sft": ("grpo_naive", "sft"),
+    }
+    out["paired"] = {}
+    for label, (a, b) in pairs.items():
+        out["paired"][label] = {
+            split: {
+                metric: {
+                    "per_seed": diffs,
+                    **(stats(diffs) or {}),
+                }
+                for metric in ("accuracy", "contradiction_rate")
+                for diffs in [
+                    [r["results"][a][split][metric] - r["results"][b][split][metric] for r in reports]
+                ]
+            }
+            for split in reports[0]["results"][a]
+        }
+    return out
+
+
+def aggregate_table(agg: dict) -> str:
+    lines = [
+        f"seeds {agg['seeds']}: mean (sd) over seeds",
+        "",
+        "| judge | split | accuracy | contradiction rate |",
+        "|---|---|---|---|",
+    ]
+    for name, splits in agg["judges"].items():
+        for split, m in splits.items():
+            acc = m["accuracy"]
+            con = m["contradiction_rate"]
+            con_s = "n/a" if con is None else f"{con['mean']:.3f} ({con['sd']:.3f})"
+            lines.append(f"| {name} | {split} | {acc['mean']:.3f} ({acc['sd']:.3f}) | {con_s} |")
+    lines += [
+        "",
+        "| paired difference | split | accuracy per seed | contradiction per seed |",
+        "|---|---|---|---|",
+    ]
+    for label, splits in agg["paired"].items():
+        for split, m in splits.items():
+            acc = ", ".join(f"{d:+.3f}" for d in m["accuracy"]["per_seed"])
+            con = ", ".join(f"{d:+.3f}" for d in m["contradiction_rate"]["per_seed"])
+            lines.append(f"| {label} | {split} | {acc} | {con} |")
+    return "\n".join(lines)
+
+
 def summary_table(report: dict) -> str:
     lines = ["| judge | split | accuracy [95% CI] | contradiction rate |", "|---|---|---|---|"]
     for name, splits in report["results"].items():
@@ -263,7 +335,21 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="recipe override"
     )
+    parser.add_argument(
+        "--aggregate",
+        nargs="+",
+        type=Path,
+        default=None,
+        metavar="REPORT",
+        help="do not train: combine bench reports of several seeds (same budget) into --out",
+    )
     args = parser.parse_args(argv)
+    if args.aggregate:
+        agg = aggregate([json.loads(p.read_text()) for p in args.aggregate])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(agg, indent=2))
+        print(aggregate_table(agg))
+        return
     budget = {}
     for item in args.budget:
         key, _, value = item.partition("=")
