@@ -45,8 +45,11 @@ def _load_judge(cfg, checkpoint: str | None):
 def build_models(
     recipe: Path = ConfigArg,
     overrides: list[str] = SetOpt,
-    listener_steps: int = typer.Option(600, help="listener training steps"),
-    listener_pairs: int = typer.Option(3000, help="listener training pairs (its own seed)"),
+    listener_steps: int = typer.Option(
+        2000, help="listener training steps (it starts following the reasoning near 600 x 32)"
+    ),
+    listener_pairs: int = typer.Option(4000, help="listener training pairs (its own seed)"),
+    listener_batch: int = typer.Option(32, help="listener batch size"),
     base_steps: int = typer.Option(
         600, help="captioning pre-training steps of each base VLM (0: random init)"
     ),
@@ -61,7 +64,14 @@ def build_models(
     root = shapes_models_dir()
     save_config(cfg, root)
     typer.echo(f"reasoner init: {build_reasoner_init(cfg, root / 'reasoner', base_steps=base_steps)}")
-    listener = train_listener(cfg, root / "listener", listener_steps, listener_pairs, base_steps=base_steps)
+    listener = train_listener(
+        cfg,
+        root / "listener",
+        listener_steps,
+        listener_pairs,
+        batch_size=listener_batch,
+        base_steps=base_steps,
+    )
     typer.echo(f"listener: {listener}")
 
 
