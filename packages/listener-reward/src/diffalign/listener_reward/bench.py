@@ -266,19 +266,13 @@ def aggregate(reports: list[dict]) -> dict:
     }
     out["paired"] = {}
     for label, (a, b) in pairs.items():
-        out["paired"][label] = {
-            split: {
-                metric: {
-                    "per_seed": diffs,
-                    **(stats(diffs) or {}),
-                }
-                for metric in ("accuracy", "contradiction_rate")
-                for diffs in [
-                    [r["results"][a][split][metric] - r["results"][b][split][metric] for r in reports]
-                ]
-            }
-            for split in reports[0]["results"][a]
-        }
+        out["paired"][label] = {}
+        for split in reports[0]["results"][a]:
+            per_metric = {}
+            for metric in ("accuracy", "contradiction_rate"):
+                diffs = [r["results"][a][split][metric] - r["results"][b][split][metric] for r in reports]
+                per_metric[metric] = {"per_seed": diffs, **(stats(diffs) or {})}
+            out["paired"][label][split] = per_metric
     return out
 
 

@@ -52,12 +52,10 @@ def _open(image):
 def oracle_reasoning(faithful: tuple[bool, bool], descriptions: tuple[str, str] | None = None) -> str:
     """The shapes-world reasoning: per image, what it shows (when known) and a verdict against the prompt
     (never the answer itself), e.g. ``image 1 : a red circle , match . image 2 : a blue circle , mismatch .``"""
-    if descriptions is None:
-        return " ".join(f"image {k} : {'match' if ok else 'mismatch'} ." for k, ok in zip((1, 2), faithful))
-    return " ".join(
-        f"image {k} : {d} , {'match' if ok else 'mismatch'} ."
-        for k, d, ok in zip((1, 2), descriptions, faithful)
-    )
+    parts = ["match" if ok else "mismatch" for ok in faithful]
+    if descriptions is not None:
+        parts = [f"{d} , {verdict}" for d, verdict in zip(descriptions, parts)]
+    return " ".join(f"image {k} : {part} ." for k, part in zip((1, 2), parts))
 
 
 def caption_text(color: str, shape: str) -> str:

@@ -57,6 +57,12 @@ def new_tiny_vlm(seed: int, cfg: ListenerRewardRecipe, **overrides):
 CAPTION_QUESTION = "look at the image :"
 
 
+def _sibling(out_dir: str | Path, suffix: str) -> Path:
+    """Working directory next to a model's output folder (``<out_dir><suffix>``): trainer checkpoints."""
+    out_dir = Path(out_dir)
+    return out_dir.with_name(out_dir.name + suffix)
+
+
 def caption_items(n: int, seed: int, image_size: int = 16) -> list[dict]:
     """Captioning data for the base VLM: one render of a training colour-shape combination each."""
     rng = random.Random(f"caption-{seed}")
@@ -213,10 +219,7 @@ def train_listener(
 ) -> Path:
     """Train the independent listener on its own pairs and seed, from its own captioning base
     (``base_steps``); save it (safetensors) to ``out_dir``."""
-    out_dir = Path(out_dir)
-    model, processor = pretrain_base_vlm(
-        cfg, out_dir.with_name(out_dir.name + "-base-ckpt"), base_steps, seed
-    )
+    model, processor = pretrain_base_vlm(cfg, _sibling(out_dir, "-base-ckpt"), base_steps, seed)
     pairs = make_shapes_pairs(num_pairs, "train", seed, cfg.data.image_size, cfg.data.annotator_noise)
     items = listener_items(pairs, cfg.prompts, seed)
     torch.manual_seed(seed)
@@ -224,7 +227,7 @@ def train_listener(
         model,
         processor,
         items,
-        Path(out_dir).with_name(Path(out_dir).name + "-ckpt"),
+        _sibling(out_dir, "-ckpt"),
         learning_rate=lr,
         max_steps=steps,
         batch_size=batch_size,
@@ -261,7 +264,7 @@ def train_single_image_scorer(
         model,
         processor,
         pointwise_items(pairs, cfg.prompts),
-        Path(out_dir).with_name(Path(out_dir).name + "-ckpt"),
+        _sibling(out_dir, "-ckpt"),
         learning_rate=lr,
         max_steps=steps,
         batch_size=batch_size,
@@ -279,9 +282,8 @@ def build_reasoner_init(
     cfg: ListenerRewardRecipe, out_dir: str | Path, seed: int | None = None, base_steps: int = 0
 ) -> Path:
     """The reasoner's starting point: a captioning base VLM (``base_steps``; 0 = random init)."""
-    out_dir = Path(out_dir)
     model, processor = pretrain_base_vlm(
-        cfg, out_dir.with_name(out_dir.name + "-base-ckpt"), base_steps, cfg.seed if seed is None else seed
+        cfg, _sibling(out_dir, "-base-ckpt"), base_steps, cfg.seed if seed is None else seed
     )
     return save_vlm(model, processor, out_dir)
 
