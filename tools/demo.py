@@ -429,7 +429,7 @@ class Demo:
     def mlcm(self, prompts: list[str]) -> Callable[[StageResult], None]:
         def body(r: StageResult) -> None:
             run_dir = self.runs / "mlcm"
-            sets = sum((["--set", s] for s in MLCM_SET), [])
+            sets = _set_args(MLCM_SET)
             res = self.run(
                 self.cli("mlcm", "distill", str(RECIPES["mlcm"]), *sets, "--run-dir", str(run_dir)), "distill"
             )
@@ -462,7 +462,7 @@ class Demo:
     def ecad(self, prompts: list[str]) -> Callable[[StageResult], None]:
         def body(r: StageResult) -> None:
             run_dir = self.runs / "ecad"
-            sets = sum((["--set", s] for s in ECAD_SET), [])
+            sets = _set_args(ECAD_SET)
             self.run(
                 self.cli("ecad", "search", str(RECIPES["ecad"]), *sets, "--run-dir", str(run_dir)), "search"
             )
@@ -508,7 +508,7 @@ class Demo:
     def selma(self, prompts: list[str]) -> Callable[[StageResult], None]:
         def body(r: StageResult) -> None:
             run_dir = self.runs / "selma"
-            sets = sum((["--set", s] for s in SELMA_SET), [])
+            sets = _set_args(SELMA_SET)
             self.run(
                 self.cli("selma", "run", str(RECIPES["selma"]), *sets, "--run-dir", str(run_dir)), "selma run"
             )
@@ -538,7 +538,7 @@ class Demo:
     def di_star(self, prompts: list[str]) -> Callable[[StageResult], None]:
         def body(r: StageResult) -> None:
             run_dir = self.runs / "di-star"
-            sets = sum((["--set", s] for s in DISTAR_SET), [])
+            sets = _set_args(DISTAR_SET)
             self.run(
                 self.cli("di-star", "train", str(RECIPES["di-star"]), *sets, "--run-dir", str(run_dir)),
                 "train",
@@ -562,7 +562,7 @@ class Demo:
             if not ((models / "reasoner").is_dir() and (models / "listener").is_dir()):
                 self.run(self.cli("listener-reward", "build-models", recipe, *LISTENER_BUILD), "build-models")
             sft_dir = run_dir / "sft"
-            sets = sum((["--set", s] for s in [*LISTENER_SET, f"sft.output_dir={sft_dir}"]), [])
+            sets = _set_args([*LISTENER_SET, f"sft.output_dir={sft_dir}"])
             self.run(self.cli("listener-reward", "sft", recipe, *sets), "sft")
             pairs_dir = self.out / "judge"
             spec = {"pairs_dir": str(pairs_dir), "n": JUDGE_PAIRS, "seed": SEED}
@@ -599,6 +599,11 @@ class Demo:
             r.numbers["agrees with annotator"] = f"{agree}/{len(pairs)}"
 
         return body
+
+
+def _set_args(overrides: Sequence[str]) -> list[str]:
+    """``["a=1", "b=2"]`` -> ``["--set", "a=1", "--set", "b=2"]`` (recipe overrides on a method CLI)."""
+    return [arg for override in overrides for arg in ("--set", override)]
 
 
 def _set_value(overrides: Sequence[str], key: str) -> str:
