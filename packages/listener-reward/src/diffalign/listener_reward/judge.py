@@ -107,11 +107,17 @@ class PreferenceJudge:
     def compare(self, prompt: str, image_a, image_b) -> Comparison:
         return self.compare_batch([prompt], [image_a], [image_b])[0]
 
-    def win_probabilities(self, prompt: str, images: Sequence, anchors: Sequence) -> torch.Tensor:
-        """``[n, k]``: p(image i beats anchor j)."""
+    def win_probabilities(
+        self, prompt: str | Sequence[str], images: Sequence, anchors: Sequence
+    ) -> torch.Tensor:
+        """``[n, k]``: p(image i beats anchor j), all n * k comparisons in one batched call. ``prompt`` is one
+        prompt for every image or one per image."""
+        prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != len(images):
+            raise ValueError(f"got {len(prompts)} prompts for {len(images)} images")
         pairs = [(i, j) for i in range(len(images)) for j in range(len(anchors))]
         results = self.compare_batch(
-            [prompt] * len(pairs), [images[i] for i, _ in pairs], [anchors[j] for _, j in pairs]
+            [prompts[i] for i, _ in pairs], [images[i] for i, _ in pairs], [anchors[j] for _, j in pairs]
         )
         table = torch.zeros(len(images), len(anchors))
         for (i, j), r in zip(pairs, results):
@@ -175,15 +181,7 @@ class ListenerJudgeReward:
         if not images:
             return torch.zeros(0)
         anchors = self.anchors or default_anchors(images[0].size[0], self.num_anchors)
-        # every (image, anchor) comparison of the whole batch in one batched judge call
-        k = len(anchors)
-        results = self.judge.compare_batch(
-            [p for p in prompts for _ in range(k)],
-            [im for im in images for _ in range(k)],
-            [a for _ in images for a in anchors],
-        )
-        wins = torch.tensor([r.p_image_a for r in results], dtype=torch.float32)
-        return wins.view(len(images), k).mean(dim=1)
+        return self.judge.win_probabilities(list(prompts), images, anchors).mean(dim=1)
 
 
 def _as_pil_list(images) -> list:
