@@ -118,6 +118,38 @@ def test_ema_matches_closed_form():
     assert ema.shadow["weight"].item() != pytest.approx(sum(values) / 3)  # not a plain mean
 
 
+def test_ema_target_holds_the_average_and_tied_weights_are_averaged_once():
+    import copy
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(2, 2, bias=False)
+            self.b = torch.nn.Linear(2, 2, bias=False)
+            self.b.weight = self.a.weight  # one tensor under two state-dict keys
+
+    torch.manual_seed(0)
+    model = Tied()
+    target = copy.deepcopy(model)
+    start = model.a.weight.detach().clone()
+    in_place = EMA(model, decay=0.5, warmup=False, target=target)
+    private = EMA(model, decay=0.5, warmup=False)
+    with torch.no_grad():
+        model.a.weight.add_(4.0)
+    in_place.update(model)
+    private.update(model)
+    expected = start + 2.0  # lerp(start, start + 4, 0.5) once; averaging the tied tensor twice gives +3
+    assert torch.allclose(target.a.weight, expected) and target.b.weight is target.a.weight
+    assert torch.allclose(private.shadow["a.weight"], expected)
+    assert torch.allclose(private.shadow["b.weight"], expected)
+    state = in_place.state_dict()
+    restored = EMA(model, decay=0.9, warmup=True, target=copy.deepcopy(model))
+    restored.load_state_dict(state)
+    assert restored.num_updates == 1 and restored.decay == 0.5
+    with pytest.raises(ValueError, match="does not match"):
+        EMA(model, target=torch.nn.Linear(2, 2))
+
+
 def test_check_finite():
     check_finite(torch.tensor(1.0), 0)
     with pytest.raises(NonFiniteError, match="step 7"):

@@ -67,6 +67,14 @@ def test_full_finetune_with_ema_target(tmp_path):
     fresh = apply_student(_v_pipe(), result.student_dir)
     for n, p in fresh.unet.named_parameters():
         torch.testing.assert_close(p, dict(pipe.unet.named_parameters())[n])
+    # the target network is core's EMA at the fixed decay 0.5: after one step, the midpoint
+    from diffalign.core.training import CheckpointManager
+
+    target = CheckpointManager(result.run_dir).load_latest()["target"]
+    after = dict(pipe.unet.named_parameters())
+    for n in changed:
+        torch.testing.assert_close(target[n], 0.5 * (before[n] + after[n].detach()))
+        assert not torch.allclose(target[n], after[n].detach())  # not the student itself
 
 
 def test_ema_target_requires_full_mode():

@@ -5,12 +5,12 @@ from diffalign.core.shapes.teachers import (
     Teacher,
     TeacherConfig,
     diffusion_loss,
-    ema_decay,
     lr_factor,
     make_pipeline,
     make_scheduler,
     sample_pipeline,
     snr_weight,
+    teacher_ema,
     v_target,
 )
 from diffalign.core.shapes.tokenizer import build_tokenizer
@@ -52,8 +52,38 @@ def test_schedules():
     assert lr_factor(0, cfg) == pytest.approx(0.01)
     assert lr_factor(99, cfg) == pytest.approx(1.0)
     assert lr_factor(1000, cfg) == pytest.approx(0.1)
-    assert ema_decay(0, 0.999) == pytest.approx(0.1)
-    assert ema_decay(10**6, 0.999) == 0.999
+
+
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+def test_teacher_ema_is_cores_ema_with_the_ramped_decay_of_the_committed_teachers(kind):
+    """The teachers were built with p_ema <- lerp(p_ema, p, 1 - min(max_decay, (1 + n) / (10 + n)))
+    over the parameters; core's EMA averaging in place into the EMA teacher reproduces it exactly."""
+    import copy
+
+    from diffalign.core.training import EMA
+
+    torch.manual_seed(0)
+    model = Teacher(kind, build_tokenizer(), micro=True)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    reference = copy.deepcopy(ema)
+    averager = teacher_ema(model, ema, TeacherConfig(ema_max_decay=0.999))
+    assert averager.current_decay() == pytest.approx(0.1)
+    for step in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pr, pm in zip(reference.parameters(), model.parameters()):
+                pr.lerp_(pm, 1 - decay)
+        averager.update(model)
+    for (name, a), b in zip(ema.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b), name
+    # negative control: the same updates at the final decay from the start are a different average
+    fixed = EMA(model, decay=0.999, warmup=False)
+    assert fixed.current_decay() == 0.999
+    averager.num_updates = 10**6
+    assert averager.current_decay() == 0.999
 
 
 @pytest.mark.parametrize("kind", ["unet", "dit"])

@@ -175,16 +175,41 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
 class EMA:
     """Exponential moving average of a model's floating-point parameters and buffers.
 
-    ``decay`` may ramp: with ``warmup=True`` the effective decay is ``min(decay, (1 + n) / (10 + n))``.
+    ``decay`` may ramp: with ``warmup=True`` the effective decay of update ``n`` (0-based) is
+    ``min(decay, (1 + n) / (10 + n))``. Each update is ``shadow <- lerp(shadow, value, 1 - decay)``;
+    integer buffers are copied.
+
+    With ``target`` (a module with ``model``'s state-dict keys and shapes), the average lives in the
+    target's own tensors: ``target`` *is* the averaged model, usable without ``copy_to`` and saved with
+    its own ``state_dict()``. Otherwise the average is a private copy in ``shadow``.
     """
 
-    def __init__(self, model: torch.nn.Module, decay: float = 0.999, warmup: bool = True):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        decay: float = 0.999,
+        warmup: bool = True,
+        target: torch.nn.Module | None = None,
+    ):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
         self.warmup = warmup
         self.num_updates = 0
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        source = model.state_dict()
+        if target is None:
+            self.shadow = {k: v.detach().clone() for k, v in source.items()}
+        else:
+            self.shadow = {k: v.detach() for k, v in target.state_dict().items()}  # views of target
+            if self.shadow.keys() != source.keys():
+                missing = sorted(set(source) ^ set(self.shadow))[:3]
+                raise ValueError(f"EMA target does not match the model's state dict (e.g. {missing})")
+            for key, value in source.items():
+                if self.shadow[key].shape != value.shape:
+                    raise ValueError(
+                        f"EMA target {key!r} has shape {list(self.shadow[key].shape)}, "
+                        f"the model {list(value.shape)}"
+                    )
 
     def current_decay(self) -> float:
         if not self.warmup:
@@ -193,11 +218,15 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        decay = self.current_decay()
+        weight = 1.0 - self.current_decay()
+        done: set[int] = set()  # tied weights (one tensor under several keys) are averaged once
         for key, value in model.state_dict().items():
             shadow = self.shadow[key]
+            if shadow.numel() and shadow.data_ptr() in done:
+                continue
+            done.add(shadow.data_ptr())
             if shadow.is_floating_point():
-                shadow.mul_(decay).add_(value.detach().to(shadow.dtype), alpha=1.0 - decay)
+                shadow.lerp_(value.detach().to(shadow.dtype), weight)
             else:
                 shadow.copy_(value)
         self.num_updates += 1
@@ -219,11 +248,16 @@ class EMA:
             "shadow": self.shadow,
         }
 
+    @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a ``state_dict()``; values are copied into the existing average (a target stays one)."""
+        if state["shadow"].keys() != self.shadow.keys():
+            raise ValueError("EMA state does not match this model's state dict")
         self.decay = state["decay"]
         self.warmup = state["warmup"]
         self.num_updates = state["num_updates"]
-        self.shadow = {k: v.clone() for k, v in state["shadow"].items()}
+        for key, value in state["shadow"].items():
+            self.shadow[key].copy_(value)
 
 
 class NonFiniteError(FloatingPointError):

@@ -22,6 +22,7 @@ import torch
 from diffalign.core.config import save_config
 from diffalign.core.launch import make_accelerator
 from diffalign.core.training import (
+    EMA,
     CheckpointManager,
     capture_rng_state,
     check_finite,
@@ -156,6 +157,7 @@ class Distiller:
         self.model = self.den.model
         self.lora = cfg.student.mode == "lora"
         self.target_model = None
+        self.target_ema = None
         if self.lora:
             add_lora(
                 self.model,
@@ -170,6 +172,9 @@ class Distiller:
             self.model.requires_grad_(True)
             if cfg.student.ema_decay is not None:
                 self.target_model = copy.deepcopy(self.model).requires_grad_(False)
+                self.target_ema = EMA(
+                    self.model, cfg.student.ema_decay, warmup=False, target=self.target_model
+                )
         self.model.train()
         self.reward = reward
         self.features = load_hook(cfg.distill.perceptual)
@@ -265,11 +270,8 @@ class Distiller:
 
     @torch.no_grad()
     def update_target(self) -> None:
-        if self.target_model is None:
-            return
-        decay = self.cfg.student.ema_decay
-        for tp, sp in zip(self.target_model.parameters(), self.model.parameters()):
-            tp.lerp_(sp.detach(), 1.0 - decay)
+        if self.target_ema is not None:
+            self.target_ema.update(self.model)  # fixed decay, averaged in place into target_model
 
 
 def resolve_reward(cfg: MLCMRecipe):

@@ -264,9 +264,12 @@ def sample_pipeline(
     return torch.cat(out).clamp(-1, 1)
 
 
-def ema_decay(step: int, max_decay: float) -> float:
-    """EMA decay ramped from 0 towards max_decay: min(max_decay, (1 + step) / (10 + step))."""
-    return min(max_decay, (1 + step) / (10 + step))
+def teacher_ema(model: torch.nn.Module, ema: torch.nn.Module, cfg: TeacherConfig):
+    """Core's EMA averaging ``model`` in place into ``ema`` with the ramped decay the committed teachers
+    were built with: update n uses min(cfg.ema_max_decay, (1 + n) / (10 + n))."""
+    from diffalign.core.training import EMA
+
+    return EMA(model, decay=cfg.ema_max_decay, warmup=True, target=ema)
 
 
 def lr_factor(step: int, cfg: TeacherConfig) -> float:
@@ -311,6 +314,7 @@ def train_teacher(
     sf = vae.config.scaling_factor
     model = Teacher(cfg.kind, tokenizer, cfg.micro)
     ema = copy.deepcopy(model).requires_grad_(False)
+    averager = teacher_ema(model, ema, cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     alphas = make_scheduler().alphas_cumprod.float()
     rng = random.Random(cfg.seed)
@@ -326,6 +330,7 @@ def train_teacher(
         gen.set_state(state["gen"])
         torch.set_rng_state(state["torch_rng"])
         step = int(state["step"])
+        averager.num_updates = step
         log(f"resumed {cfg.kind} from step {step}")
     n_params = sum(p.numel() for p in model.denoiser.parameters())
     n_text = sum(p.numel() for p in model.text_encoder.parameters())
@@ -373,10 +378,7 @@ def train_teacher(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        d = ema_decay(step, cfg.ema_max_decay)
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - d)
+        averager.update(model)
         run_loss = loss.item() if run_loss is None else 0.98 * run_loss + 0.02 * loss.item()
         done = step + 1
         if done % cfg.log_every == 0:
