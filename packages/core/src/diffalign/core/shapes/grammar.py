@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -230,11 +231,18 @@ def sample_prompts(skill: str, n: int, split: str = "train", seed: int | random.
     return [p for _, p in sample_specs(skill, n, split, seed)]
 
 
-def eval_prompts(n_per_skill: int = 25, seed: int = 1234) -> list[str]:
-    """The fixed held-out evaluation set (n_per_skill per skill, skills in a fixed order)."""
+def eval_prompts(n_per_skill: int = 25, seed: int = 1234, skills: Sequence[str] | None = None) -> list[str]:
+    """The fixed held-out evaluation set: n_per_skill prompts of each skill (default all, in SKILLS order).
+
+    Skill ``k`` is drawn with seed ``seed + SKILLS.index(k)``, so a subset of skills gets exactly the
+    prompts it has in the full set."""
+    chosen = list(SKILLS if skills is None else skills)
+    unknown = [k for k in chosen if k not in SKILLS]
+    if unknown:
+        raise ValueError(f"unknown skill {unknown[0]!r}; expected one of {SKILLS}")
     out: list[str] = []
-    for i, skill in enumerate(SKILLS):
-        out += sample_prompts(skill, n_per_skill, "heldout", seed=seed + i)
+    for skill in chosen:
+        out += sample_prompts(skill, n_per_skill, "heldout", seed=seed + SKILLS.index(skill))
     return out
 
 

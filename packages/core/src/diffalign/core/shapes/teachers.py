@@ -241,27 +241,11 @@ def make_pipeline(kind: str, vae, teacher: Teacher, scheduler=None):
 def sample_pipeline(
     pipe, prompts: list[str], steps: int = 50, guidance: float = 4.0, seed: int = 0, batch=50
 ):
-    """Images [B, 3, 32, 32] in [-1, 1] from a shapes pipeline (UNet or PixArt)."""
-    from diffusers import PixArtAlphaPipeline
+    """Images [B, 3, 32, 32] in [-1, 1] from a shapes pipeline (UNet or PixArt), under the evaluation
+    path's noise contract (``diffalign.core.shapes.evaluate``: one generator per prompt)."""
+    from .evaluate import pipeline_sampler, sample_images
 
-    out = []
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i : i + batch]
-        gen = torch.Generator().manual_seed(seed + i)
-        kw = dict(
-            prompt=chunk,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=gen,
-            output_type="pt",
-            height=32,
-            width=32,
-        )
-        if isinstance(pipe, PixArtAlphaPipeline):
-            kw.update(use_resolution_binning=False, clean_caption=False, max_sequence_length=20)
-        images = pipe(**kw).images
-        out.append(images * 2 - 1)
-    return torch.cat(out).clamp(-1, 1)
+    return sample_images(pipeline_sampler(pipe, steps, guidance), prompts, seed=seed, batch_size=batch)
 
 
 def teacher_ema(model: torch.nn.Module, ema: torch.nn.Module, cfg: TeacherConfig):
