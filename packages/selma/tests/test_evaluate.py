@@ -6,8 +6,9 @@ from diffalign.selma import evaluate as E
 
 def test_per_skill_faithfulness_through_core_shapes_verifier():
     from diffalign.core import shapes
+    from diffalign.core.shapes.evaluate import heldout_records
 
-    records = E.shapes_eval_prompts(["count", "color", "spatial"], 4, seed=7)
+    records = heldout_records(4, ["count", "color", "spatial"], seed=7)
     assert [r["skill"] for r in records] == ["count"] * 4 + ["color"] * 4 + ["spatial"] * 4
     assert all(shapes.prompt_split(r["text"]) == "heldout" for r in records)
     prompts = [r["text"] for r in records]
@@ -43,3 +44,32 @@ def test_registered_reward_per_skill_means():
     res = E.score_images(images, records, rewards={"mean": Mean()})
     assert res["rewards"]["mean"]["per_skill"] == {"a": 0.25, "b": 0.0}
     assert res["rewards"]["mean"]["mean"] == pytest.approx(0.125)
+
+
+def test_eval_records_are_cores_heldout_split_and_sampling_uses_cores_noise(tmp_path):
+    from diffalign.core.shapes.evaluate import heldout_records, noise_generators
+    from diffalign.selma.config import SelmaConfig
+    from diffalign.selma.stages import eval_records
+
+    cfg = SelmaConfig.model_validate(
+        {
+            "run_dir": str(tmp_path),
+            "model": "x",
+            "skills": [{"name": "color"}, {"name": "count"}],
+            "eval": {"n_per_skill": 3},
+        }
+    )
+    records = eval_records(cfg)
+    assert records == heldout_records(3, ["color", "count"])
+
+    class Pipe:  # returns the noise each prompt's generator draws, as [0, 1] images
+        def __call__(self, prompt, generator, output_type):
+            assert len(generator) == len(prompt)
+            images = torch.stack([torch.rand(3, 2, 2, generator=g) for g in generator])
+            return type("Out", (), {"images": images})()
+
+    a = E.sample_images(Pipe(), records, seed=5, batch_size=4)
+    b = E.sample_images(Pipe(), records, seed=5, batch_size=1)
+    assert torch.equal(a, b)
+    expected = torch.stack([torch.rand(3, 2, 2, generator=g) for g in noise_generators(6, seed=5)]) * 2 - 1
+    torch.testing.assert_close(a, expected)

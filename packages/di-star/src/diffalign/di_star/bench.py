@@ -64,18 +64,23 @@ def _to_verifier_size(images: torch.Tensor) -> torch.Tensor:
 
 
 def measure(images: torch.Tensor, prompts: list[str], reward, diversity_images: torch.Tensor | None) -> dict:
-    """Faithfulness, FID, reward and diversity of images in [-1, 1] for prompts."""
-    from diffalign.core.shapes import faithfulness, fid
-    from diffalign.core.shapes.scoring import features
+    """Faithfulness and FID (core's ``score_images``), reward and diversity of images in [-1, 1]."""
+    from diffalign.core.shapes.evaluate import score_images
 
     images = _to_verifier_size(images)
-    res = faithfulness(images, prompts)
+    scores = score_images(images, prompts)
+    return _with_reward_and_diversity(scores, images, prompts, reward, diversity_images)
+
+
+def _with_reward_and_diversity(scores: dict, images, prompts, reward, diversity_images) -> dict:
+    from diffalign.core.shapes.scoring import features
+
     with torch.no_grad():
         rew = reward.score(images, prompts).float().mean().item()
     row = {
-        "faithfulness": float(res.overall),
-        "per_skill": {k: float(v) for k, v in res.per_skill.items()},
-        "fid": float(fid(images)) if len(prompts) >= 2 else float("nan"),
+        "faithfulness": float(scores["overall"]),
+        "per_skill": {k: float(v) for k, v in scores["per_skill"].items()},
+        "fid": float(scores["fid"]),
         "reward": rew,
     }
     if diversity_images is not None:  # [P, S, 3, H, W]: S seeds for each of P prompts
@@ -86,47 +91,43 @@ def measure(images: torch.Tensor, prompts: list[str], reward, diversity_images: 
     return row
 
 
-def _timed(sample_fn, prompts: list[str], seed: int) -> tuple[torch.Tensor, float]:
-    t0 = time.perf_counter()
-    images = sample_fn(prompts, seed)
-    return images, (time.perf_counter() - t0) / len(prompts)
-
-
 def _evaluate(name, sample_fn, prompts, div_prompts, seeds, reward, log) -> dict:
-    images, sec = _timed(sample_fn, prompts, 0)
-    div = torch.stack([torch.cat([sample_fn([p], s) for s in seeds]) for p in div_prompts])
-    row = measure(images, prompts, reward, div)
-    row["seconds_per_image"] = sec
+    """Sample and score on core's evaluation path (``diffalign.core.shapes.evaluate``: one noise generator
+    per prompt); diversity: each of ``div_prompts`` sampled under every noise seed in ``seeds``."""
+    from diffalign.core.shapes.evaluate import evaluate_sampler, noise_generators
+
+    def at_verifier_size(batch, generators):
+        return _to_verifier_size(sample_fn(batch, generators))
+
+    scores, images = evaluate_sampler(at_verifier_size, prompts)
+    div = torch.stack(
+        [
+            torch.cat([sample_fn([p], noise_generators(1, seed=s, start=prompts.index(p))) for s in seeds])
+            for p in div_prompts
+        ]
+    )
+    row = _with_reward_and_diversity(scores, images, prompts, reward, div)
+    row["seconds_per_image"] = scores["seconds_per_image"]
+    row["cpu_seconds"] = scores["cpu_seconds"]
     log(
         f"{name:>18}: faithfulness {row['faithfulness']:.3f}  FID {row['fid']:.2f}  reward {row['reward']:.3f}  "
-        f"diversity {row['diversity']:.3f}  {sec * 1000:.1f} ms/img"
+        f"diversity {row['diversity']:.3f}  {row['seconds_per_image'] * 1000:.1f} ms/img (wall)"
     )
     return row
 
 
 def _teacher_sampler(pipe, steps: int, guidance: float, resolution: int | None):
-    def sample(prompts, seed):
-        kw = {} if resolution is None else {"height": resolution, "width": resolution}
-        out = pipe(
-            prompt=list(prompts),
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=torch.Generator().manual_seed(seed),
-            output_type="pt",
-            **kw,
-        ).images
-        return out * 2 - 1
+    from diffalign.core.shapes.evaluate import pipeline_sampler
 
-    return sample
+    kw = {} if resolution is None else {"height": resolution, "width": resolution}
+    return pipeline_sampler(pipe, steps, guidance, **kw)
 
 
 def _one_step_sampler(pipe, t_star: int, resolution: int | None):
     from .inference import sample_one_step
 
-    def sample(prompts, seed):
-        out = sample_one_step(
-            pipe, list(prompts), t_star, generator=torch.Generator().manual_seed(seed), resolution=resolution
-        )
+    def sample(prompts, generators):
+        out = sample_one_step(pipe, list(prompts), t_star, generator=generators, resolution=resolution)
         return out * 2 - 1
 
     return sample
@@ -135,7 +136,7 @@ def _one_step_sampler(pipe, t_star: int, resolution: int | None):
 def run(args: argparse.Namespace) -> dict:
     from diffalign.core.models import load_pipeline
     from diffalign.core.rewards import get_reward
-    from diffalign.core.shapes import eval_prompts
+    from diffalign.core.shapes.evaluate import EVAL_PROMPTS_PER_SKILL, heldout_prompts, protocol
 
     from .inference import to_one_step_pipeline
     from .train import train
@@ -144,9 +145,9 @@ def run(args: argparse.Namespace) -> dict:
     log = print
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    n_per_skill = args.n_per_skill or (4 if args.quick else 25)
+    n_per_skill = args.n_per_skill or (4 if args.quick else EVAL_PROMPTS_PER_SKILL)
     steps = args.train_steps or (20 if args.quick else SHAPES_RECIPE["training"]["max_steps"])
-    prompts = eval_prompts(n_per_skill)
+    prompts = heldout_prompts(n_per_skill)
     div_prompts = prompts[:: max(1, len(prompts) // (4 if args.quick else 8))][: (4 if args.quick else 8)]
     seeds = list(range(100, 100 + (3 if args.quick else 6)))
     reward = get_reward("shapes-reward")
@@ -167,6 +168,7 @@ def run(args: argparse.Namespace) -> dict:
             "diversity_prompts": len(div_prompts),
             "seeds": seeds,
         },
+        "evaluation": protocol(n_per_skill),
         "teacher_guidance": args.guidance,
         "train_steps": steps,
         "rows": {},

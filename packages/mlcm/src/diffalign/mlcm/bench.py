@@ -2,7 +2,7 @@
 
 ``python -m diffalign.mlcm.bench --out bench/results/mlcm.json [--quick] [--model shapes/unet]``
 
-On held-out shapes prompts it reports, for every sampler configuration, faithfulness (DSG-style, from
+On core's held-out shapes prompts and noise (``diffalign.core.shapes.evaluate``) it reports, for every sampler configuration, faithfulness (DSG-style, from
 ``diffalign.core.shapes.faithfulness``), FID on the verifier's features, seconds per image, and the
 training wall time of each student. It also reports the 2-D Gaussian-mixture toy (energy distances).
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 from pathlib import Path
 
 import torch
@@ -52,30 +51,20 @@ def shapes_recipe(
     return MLCMRecipe.model_validate(data)
 
 
-def heldout_prompts(n_per_skill: int, seed: int = 0) -> list[str]:
-    from diffalign.core.shapes import SKILLS, sample_prompts
-
-    prompts: list[str] = []
-    for i, skill in enumerate(SKILLS):
-        prompts += sample_prompts(skill, n_per_skill, split="heldout", seed=seed + i)
-    return prompts
-
-
 def evaluate(pipe, prompts: list[str], steps: int, guidance: float, seed: int, resolution: int) -> dict:
-    from diffalign.core.shapes import faithfulness, fid
+    """One row on core's evaluation path (``diffalign.core.shapes.evaluate``): one noise generator per
+    prompt, DSG faithfulness and verifier-feature FID."""
+    from diffalign.core.shapes.evaluate import evaluate_sampler, pipeline_sampler
 
-    from .inference import sample_images
-
-    t0 = time.perf_counter()
-    images = sample_images(pipe, prompts, steps, guidance_scale=guidance, seed=seed, resolution=resolution)
-    elapsed = time.perf_counter() - t0
-    result = faithfulness(images, prompts)
+    sampler = pipeline_sampler(pipe, steps, guidance, height=resolution, width=resolution)
+    row, _ = evaluate_sampler(sampler, prompts, seed=seed)
     return {
         "steps": steps,
-        "faithfulness": float(result.overall),
-        "per_skill": {k: float(v) for k, v in dict(result.per_skill).items()},
-        "fid": float(fid(images)),
-        "seconds_per_image": elapsed / len(prompts),
+        "faithfulness": float(row["overall"]),
+        "per_skill": {k: float(v) for k, v in row["per_skill"].items()},
+        "fid": float(row["fid"]),
+        "seconds_per_image": row["seconds_per_image"],
+        "cpu_seconds": row["cpu_seconds"],
     }
 
 
@@ -107,6 +96,7 @@ def run(args) -> dict:
 
     from diffalign.core.models import load_pipeline
     from diffalign.core.report import write_json
+    from diffalign.core.shapes.evaluate import heldout_prompts, protocol
 
     from .inference import apply_student
     from .train import train
@@ -114,7 +104,7 @@ def run(args) -> dict:
     torch.manual_seed(args.seed)
     work = Path(args.run_dir)
     n = 5 if args.quick else args.prompts_per_skill
-    prompts = heldout_prompts(n, args.seed)
+    prompts = heldout_prompts(n)
     report: dict = {
         "package": "diffalign-mlcm",
         "model": args.model,
@@ -127,6 +117,7 @@ def run(args) -> dict:
         "quick": args.quick,
         "n_prompts": len(prompts),
         "prompt_split": "heldout",
+        "evaluation": protocol(n, noise_seed=args.seed),
         "results": [],
         "training": {},
     }
@@ -195,13 +186,17 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> None:
+    from diffalign.core.shapes.evaluate import EVAL_PROMPTS_PER_SKILL
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results/mlcm.json")
     parser.add_argument(
         "--model", default="shapes/unet", help="Teacher id or folder (shapes/unet, shapes/dit, ...)"
     )
     parser.add_argument("--quick", action="store_true", help="Few iterations and prompts (a smoke run)")
-    parser.add_argument("--prompts-per-skill", type=int, default=25)
+    parser.add_argument(
+        "--prompts-per-skill", type=int, default=EVAL_PROMPTS_PER_SKILL, help="held-out prompts per skill"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--run-dir", default="bench/tmp/mlcm")
     parser.add_argument("--skip-toy", action="store_true")

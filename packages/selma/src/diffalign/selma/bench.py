@@ -2,7 +2,8 @@
 
 ``python -m diffalign.selma.bench --out bench/results/selma.json [--quick] [--model shapes/unet]``
 
-On held-out prompts of every skill, with the same prompts and seeds for every model:
+On core's held-out prompts of every skill (``diffalign.core.shapes.evaluate``: 25 per skill by default,
+one noise generator per prompt), with the same prompts and noise for every model:
 
 - the base teacher;
 - one LoRA trained on all skills' data mixed (the experts' total step budget);
@@ -30,6 +31,8 @@ from diffalign.selma.config import SelmaConfig
 
 
 def bench_config(args, run_dir: Path, weak: bool = False) -> SelmaConfig:
+    from diffalign.core.shapes.evaluate import EVAL_PROMPTS_PER_SKILL
+
     quick = args.quick
     images = {
         "num_inference_steps": args.weak_steps if weak else args.sample_steps,
@@ -71,7 +74,7 @@ def bench_config(args, run_dir: Path, weak: bool = False) -> SelmaConfig:
             },
             "merge": {"method": "linear", "density": 0.5, "export": "lora"},
             "eval": {
-                "n_per_skill": args.eval_per_skill or (12 if quick else 50),
+                "n_per_skill": args.eval_per_skill or (12 if quick else EVAL_PROMPTS_PER_SKILL),
                 "faithfulness": args.faithfulness,
                 "rewards": list(args.reward or []),
                 "num_inference_steps": args.sample_steps,
@@ -112,6 +115,7 @@ def _targets(results: dict, skills: list[str], merged_key: str) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     from diffalign.core.report import write_json
+    from diffalign.core.shapes.evaluate import protocol
     from diffalign.selma.evaluate import shapes_fid_fn
     from diffalign.selma.stages import stage_eval, stage_images, stage_prompts, stage_train
 
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--train-steps", type=int, default=None, help="steps per expert (the mixed LoRA gets their sum)"
     )
-    ap.add_argument("--eval-per-skill", type=int, default=None)
+    ap.add_argument("--eval-per-skill", type=int, default=None, help="default 25 (core's count); quick 12")
     ap.add_argument(
         "--reward-filter",
         type=float,
@@ -194,6 +198,9 @@ def main(argv: list[str] | None = None) -> dict:
             "processor": platform.processor(),
         },
         "settings": cfg.model_dump(mode="json"),
+        "evaluation": protocol(
+            cfg.eval.n_per_skill, args.skills, prompt_seed=cfg.eval.prompt_seed, noise_seed=cfg.eval.seed
+        ),
         "baseline": "base",
         "results": results,
         "mean_faithfulness_points": {k: _mean_f(v) for k, v in results.items()},

@@ -1,6 +1,7 @@
 """Stage 5: per-skill evaluation of the base model, the experts, the mixed LoRA and the merged model.
 
-Every model samples the same prompts with the same per-prompt seeds (paired comparison). Scores:
+Every model samples the same prompts with the same per-prompt noise (paired comparison): the shapes
+world's held-out prompts and noise contract come from ``diffalign.core.shapes.evaluate``. Scores:
 DSG-style faithfulness through core (``diffalign.core.shapes.faithfulness`` for the shapes world:
 question dependencies, micro-average, per-skill), any registered reward (mean per skill), and FID in
 the verifier's feature space where the world provides it.
@@ -12,45 +13,23 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from diffalign.selma.images import job_seed, to_pixels
-
-
-def shapes_eval_prompts(skills: Sequence[str], n_per_skill: int, seed: int = 1234) -> list[dict]:
-    """Held-out shapes-world prompts, ``n_per_skill`` per skill (never seen by the template backend)."""
-    from diffalign.core import shapes
-
-    out = []
-    for i, skill in enumerate(skills):
-        if skill not in shapes.SKILLS:
-            raise ValueError(
-                f"skill {skill!r} is not a shapes-world skill: give eval.prompts (a .jsonl of prompts)"
-            )
-        out += [
-            {"skill": skill, "text": t}
-            for t in shapes.sample_prompts(skill, n_per_skill, "heldout", seed=seed + i)
-        ]
-    return out
+from diffalign.selma.images import to_pixels
 
 
 @torch.no_grad()
 def sample_images(
     pipe, records: Sequence[dict], *, seed: int = 0, batch_size: int = 16, call_kwargs: dict | None = None
 ) -> torch.Tensor:
-    """Images for ``records`` as a [-1, 1] tensor [N,3,H,W]; prompt ``i`` always gets seed (seed, i)."""
-    from diffalign.core.training import progress
+    """Images for ``records`` as a [-1, 1] tensor [N,3,H,W], on core's evaluation path
+    (``diffalign.core.shapes.evaluate.sample_images``): prompt ``i`` always gets noise generator ``i``."""
+    from diffalign.core.shapes.evaluate import sample_images as sample_with_core_noise
 
-    outs = []
-    bar = progress(total=len(records), desc="eval-sample")
-    for start in range(0, len(records), batch_size):
-        chunk = records[start : start + batch_size]
-        gens = [
-            torch.Generator(device="cpu").manual_seed(job_seed(seed, start + i)) for i in range(len(chunk))
-        ]
-        out = pipe(prompt=[r["text"] for r in chunk], generator=gens, output_type="pt", **(call_kwargs or {}))
-        outs.append(to_pixels(out.images.cpu()))
-        bar.update(len(chunk))
-    bar.close()
-    return torch.cat(outs)
+    def sample(prompts, generators):
+        out = pipe(prompt=prompts, generator=generators, output_type="pt", **(call_kwargs or {}))
+        return to_pixels(out.images.cpu())
+
+    texts = [r["text"] for r in records]
+    return sample_with_core_noise(sample, texts, seed=seed, batch_size=batch_size, desc="eval-sample")
 
 
 def score_images(

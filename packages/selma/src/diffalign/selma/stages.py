@@ -325,11 +325,19 @@ def build_model(cfg: SelmaConfig, which: str, base_factory: Callable | None = No
 
 
 def eval_records(cfg: SelmaConfig) -> list[dict]:
-    from diffalign.selma.evaluate import shapes_eval_prompts
+    """``eval.prompts`` if given, else core's held-out shapes prompts of the configured skills."""
+    from diffalign.core.shapes import SKILLS
+    from diffalign.core.shapes.evaluate import heldout_records
 
     if cfg.eval.prompts:
         return read_prompts(cfg.eval.prompts)
-    return shapes_eval_prompts([s.name for s in cfg.skills], cfg.eval.n_per_skill, cfg.eval.prompt_seed)
+    skills = [s.name for s in cfg.skills]
+    for skill in skills:
+        if skill not in SKILLS:
+            raise ValueError(
+                f"skill {skill!r} is not a shapes-world skill: give eval.prompts (a .jsonl of prompts)"
+            )
+    return heldout_records(cfg.eval.n_per_skill, skills, cfg.eval.prompt_seed)
 
 
 def stage_eval(
