@@ -42,6 +42,29 @@ def test_reward_registry():
         get_reward("nope")
 
 
+def test_module_factory_specs_resolve_in_one_place():
+    from diffalign.core.factory import load_factory
+    from diffalign.core.shapes.scoring import shapes_reward
+
+    assert load_factory("diffalign.core.shapes.scoring:shapes_reward") is shapes_reward
+    assert load_factory("collections:OrderedDict.fromkeys")("ab") == {"a": None, "b": None}
+    # get_reward takes the same spec as a registered name
+    by_spec = get_reward("diffalign.core.shapes.scoring:shapes_reward")
+    assert by_spec.name == get_reward("shapes-reward").name
+    cases = [
+        ("diffalign.core.shapes.scoring", "must look like 'package.module:factory'"),
+        ("diffalign.core.shapes.scoring:", "must look like"),
+        ("no_such_module_xyz:f", "cannot import reward 'no_such_module_xyz:f'"),
+        ("diffalign.core.shapes.scoring:nope", "has no attribute 'nope'"),
+        ("diffalign.core.shapes.scoring:ASSETS", "not a callable"),
+    ]
+    for spec, message in cases:
+        with pytest.raises(ValueError, match=message):
+            load_factory(spec, "reward")
+    with pytest.raises(ValueError, match="cannot import reward"):
+        get_reward("no_such_module_xyz:f")
+
+
 def test_pixel_checks():
     check_pixel_images(torch.zeros(1, 3, 8, 8), ["x"])
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):

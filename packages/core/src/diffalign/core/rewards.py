@@ -79,8 +79,13 @@ def list_rewards() -> list[str]:
 
 
 def get_reward(name: str, **kwargs: Any) -> RewardModel:
-    """Instantiate the reward called ``name`` with ``kwargs`` passed to its factory."""
+    """Instantiate the reward called ``name`` (a registered name, or ``package.module:factory``) with
+    ``kwargs`` passed to its factory."""
+    from diffalign.core.factory import is_factory_spec, load_factory
+
     factory = _REGISTRY.get(name)
+    if factory is None and is_factory_spec(name):
+        factory = load_factory(name, "reward")
     if factory is None:
         ep = _entry_points().get(name)
         if ep is None:

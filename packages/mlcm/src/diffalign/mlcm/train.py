@@ -11,7 +11,6 @@ uninterrupted one.
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from diffalign.core.config import save_config
+from diffalign.core.factory import load_factory
 from diffalign.core.launch import make_accelerator
 from diffalign.core.training import (
     EMA,
@@ -115,10 +115,7 @@ def load_hook(spec: str | None):
     """``"module:factory"`` -> ``factory()``: the latent perceptual feature callable (or None)."""
     if not spec:
         return None
-    if ":" not in spec:
-        raise ValueError(f"distill.perceptual must look like 'package.module:factory', got {spec!r}")
-    mod, name = spec.split(":", 1)
-    return getattr(importlib.import_module(mod), name)()
+    return load_factory(spec, "distill.perceptual")()
 
 
 def add_lora(
