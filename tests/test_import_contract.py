@@ -1,4 +1,5 @@
-"""Architecture contract: method packages never import each other and core imports no method.
+"""Architecture contract: method packages never import each other, core imports no method, and
+production code does not import ``diffalign.core.testing`` (tiny models it needs live in named modules).
 
 Every ``.py`` under ``packages/*/src`` is parsed with ``ast`` (nothing is imported or executed), so
 imports inside functions, relative imports that climb out of a package, ``from diffalign import x``,
@@ -71,9 +72,16 @@ def contract_violations(root: Path) -> list[str]:
             if not owner:
                 continue
             tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+            in_testing = package[:3] == ["diffalign", "core", "testing"]
             for line, module in _imported(tree, package):
                 parts = module.split(".")
                 if parts[0] != "diffalign" or len(parts) < 2:
+                    continue
+                if parts[1:3] == ["core", "testing"] and not in_testing:
+                    rel = path.relative_to(root)
+                    out.append(
+                        f"{rel}:{line}: diffalign.{owner} imports {module} (core.testing is for tests)"
+                    )
                     continue
                 target = parts[1]
                 if target in (owner, CORE):
@@ -137,6 +145,23 @@ def test_seeded_violations_are_reported_with_file_and_line(tmp_path):
     )
     _write(
         tmp_path,
+        "packages/core/src/diffalign/core/testing/fixtures.py",
+        """\
+        from diffalign.core.testing.models import tiny_unet
+        from . import models
+        """,
+    )
+    _write(
+        tmp_path,
+        "packages/mlcm/src/diffalign/mlcm/tiny.py",
+        """\
+        def f():
+            from diffalign.core.testing import tiny_unet
+            return tiny_unet
+        """,
+    )
+    _write(
+        tmp_path,
         "packages/core/src/diffalign/core/sub/leak.py",
         """\
         def f():
@@ -156,6 +181,7 @@ def test_seeded_violations_are_reported_with_file_and_line(tmp_path):
         (selma, 14, "diffalign.mlcm"),
         (selma, 15, "diffalign.mlcm.train"),
         (core, 2, "diffalign.selma"),
+        ("packages/mlcm/src/diffalign/mlcm/tiny.py", 2, "diffalign.core.testing"),
     }
     got = set()
     for row in found:
@@ -165,3 +191,4 @@ def test_seeded_violations_are_reported_with_file_and_line(tmp_path):
     assert got == expected
     assert any("core imports no method" in r for r in found if r.startswith(core))
     assert all("methods never import each other" in r for r in found if r.startswith(selma))
+    assert any("core.testing is for tests" in r for r in found)

@@ -152,6 +152,16 @@ def test_load_vlm_reads_a_saved_tiny_qwen2_5_vl(tmp_path):
     )
 
 
+def test_load_vlm_error_names_the_directory_and_tiny_vlm_is_a_production_module(tmp_path):
+    from diffalign.core import testing, tiny_vlm
+    from diffalign.core.models import ModelNotFoundError, load_vlm
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFoundError, match="could not load VLM .*empty"):
+        load_vlm(tmp_path / "empty")
+    assert testing.vlm.load_tiny_vlm is tiny_vlm.load_tiny_vlm  # tests keep their name for it
+
+
 def test_load_pipeline_casts_every_component_to_one_dtype(tmp_path):
     """Weights stored in fp16 (as the shapes teachers are) must not leave a half-precision text encoder."""
     from diffalign.core.models import load_pipeline

@@ -251,21 +251,32 @@ def load_vlm(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     trust_remote_code: bool = False,
+    processor_kwargs: dict[str, Any] | None = None,
 ):
-    """Load an image-text-to-text model and its processor (Qwen2.5-VL and friends)."""
+    """Load an image-text-to-text model (safetensors weights) and its processor: Qwen2.5-VL and friends
+    from a hub id or a local directory, or a saved tiny VLM (``diffalign.core.tiny_vlm``).
+    ``processor_kwargs`` go to ``AutoProcessor.from_pretrained`` (e.g. ``min_pixels``/``max_pixels``)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    path = resolve_model_path(source)
-    from diffalign.core.testing.vlm import is_tiny_vlm_dir, load_tiny_vlm
+    from diffalign.core.tiny_vlm import is_tiny_vlm_dir, load_tiny_vlm
 
+    path = resolve_model_path(source)
     if is_tiny_vlm_dir(path):  # the offline tiny models of the shapes world (word-level, no torchvision)
         model, processor = load_tiny_vlm(path, dtype=dtype)
         return (model.to(device) if device is not None else model), processor
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        processor = AutoProcessor.from_pretrained(
+            path, trust_remote_code=trust_remote_code, **(processor_kwargs or {})
+        )
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:  # missing files / no processor files in the folder
+        raise ModelNotFoundError(
+            f"could not load VLM {str(path)!r}: {err}. Offline, pass a local directory holding the model "
+            f"(download it once with `hf download <id> --local-dir DIR`)."
+        ) from err
     if device is not None:
         model = model.to(device)
     return model, processor

@@ -43,34 +43,16 @@ def load_vlm_and_processor(
     max_pixels: int | None = None,
     trust_remote_code: bool = False,
 ):
-    """Load a Qwen2.5-VL-style model and its processor from a hub id, a local dir or a tiny-VLM dir."""
-    from diffalign.core.testing.vlm import is_tiny_vlm_dir, load_tiny_vlm
+    """Load a Qwen2.5-VL-style model and its processor from a hub id, a local dir or a tiny-VLM dir
+    (core's ``load_vlm``), with the pixel budget set and left padding for generation."""
+    from diffalign.core.models import load_vlm
 
-    path = resolve_source(source)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    if is_tiny_vlm_dir(path):
-        model, processor = load_tiny_vlm(path, dtype=dtype)
-    else:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        if Path(path).exists() is False and os.environ.get("HF_HUB_OFFLINE") == "1" and "/" not in path:
-            raise FileNotFoundError(f"model {path!r} is neither a local directory nor a hub id")
-        kwargs = {}
-        if min_pixels is not None:
-            kwargs["min_pixels"] = min_pixels
-        if max_pixels is not None:
-            kwargs["max_pixels"] = max_pixels
-        try:
-            processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
-            model = AutoModelForImageTextToText.from_pretrained(
-                path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-            )
-        except OSError as err:
-            raise FileNotFoundError(
-                f"could not load VLM {path!r}: {err}. Offline, pass a local directory holding the model "
-                "(download it once with `huggingface-cli download <id> --local-dir DIR`)."
-            ) from err
+    budget = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+    model, processor = load_vlm(
+        resolve_source(source), dtype=dtype, trust_remote_code=trust_remote_code, processor_kwargs=budget
+    )
     if min_pixels is not None or max_pixels is not None:
         set_pixel_budget(processor, min_pixels, max_pixels)
     processor.tokenizer.padding_side = "left"

@@ -1,6 +1,6 @@
 """Shapes-world models: a tiny reasoner initialisation, an independent tiny listener, and a single-image
 scorer baseline, all ``Qwen2_5_VLForConditionalGeneration`` built from configs with the offline word
-tokenizer (``diffalign.core.testing.vlm``), trained here on CPU.
+tokenizer (``diffalign.core.tiny_vlm``), trained here on CPU.
 
 * **base VLM**: real recipes start from a pretrained VLM that can already describe an image. The shapes
   stand-in for that pretraining is captioning: (image, "look at the image :") -> "a red circle" on
@@ -48,7 +48,7 @@ TINY_SIZES = dict(
 
 
 def new_tiny_vlm(seed: int, cfg: ListenerRewardRecipe, **overrides):
-    from diffalign.core.testing.vlm import tiny_qwen2_5_vl
+    from diffalign.core.tiny_vlm import tiny_qwen2_5_vl
 
     sizes = {**TINY_SIZES, **overrides}
     return tiny_qwen2_5_vl(seed, min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels, **sizes)
@@ -254,7 +254,7 @@ def train_single_image_scorer(
     """The single-image baseline, from ``init`` (the reasoner's initialisation, so both start equal) or a
     random model."""
     if init is not None:
-        from diffalign.core.testing.vlm import load_tiny_vlm
+        from diffalign.core.tiny_vlm import load_tiny_vlm
 
         model, processor = load_tiny_vlm(init)
     else:

@@ -42,7 +42,7 @@ def seed_everything(seed: int) -> None:
 
 def save_vlm(model, processor, path: str | Path) -> Path:
     """Save a (possibly LoRA-wrapped) VLM with its processor, safetensors only."""
-    from diffalign.core.testing.vlm import save_tiny_vlm
+    from diffalign.core.tiny_vlm import save_tiny_vlm
 
     path = Path(path)
     if hasattr(model, "merge_and_unload"):

@@ -29,8 +29,8 @@ from .models import (
 
 
 def tiny_qwen2_5_vl(*args, **kwargs):
-    """A tiny Qwen2.5-VL model and processor (see ``diffalign.core.testing.vlm``)."""
-    from .vlm import tiny_qwen2_5_vl as factory
+    """A tiny Qwen2.5-VL model and processor (see ``diffalign.core.tiny_vlm``)."""
+    from diffalign.core.tiny_vlm import tiny_qwen2_5_vl as factory
 
     return factory(*args, **kwargs)
 
