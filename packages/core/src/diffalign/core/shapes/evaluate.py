@@ -250,6 +250,44 @@ def render_baselines(
     return {"matched_renders": matched, "mismatched_renders": mismatched}
 
 
+def main(argv: list[str] | None = None) -> dict:
+    """``python -m diffalign.core.shapes.evaluate --out FILE``: the teacher rows every benchmark shares
+    (each teacher with its own scheduler, on this module's prompts and noise)."""
+    import argparse
+    import json
+    import platform
+
+    ap = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["shapes/unet", "shapes/dit"])
+    ap.add_argument("--steps", nargs="+", type=int, default=[1, 2, 4, 8, 20, 25, 50])
+    ap.add_argument("--n-per-skill", type=int, default=EVAL_PROMPTS_PER_SKILL)
+    ap.add_argument("--guidance", type=float, default=EVAL_GUIDANCE)
+    ap.add_argument("--seed", type=int, default=EVAL_NOISE_SEED)
+    ap.add_argument("--out", default=None, help="JSON file to write")
+    args = ap.parse_args(argv)
+    from diffalign.core.models import resolve_model_path
+
+    report = {
+        "machine": {
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+        "evaluation": protocol(args.n_per_skill, noise_seed=args.seed),
+        "guidance": args.guidance,
+        "rows": {},
+    }
+    for model in args.models:
+        pipe = load_shapes_pipeline(resolve_model_path(model))
+        res = evaluate_pipeline(pipe, args.n_per_skill, tuple(args.steps), args.guidance, args.seed)
+        for steps, row in res["steps"].items():
+            report["rows"][f"{model}@{steps}"] = row
+            if args.out:  # written after every row
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
+
+
 __all__ = [
     "EVAL_GUIDANCE",
     "EVAL_IMAGE_SIZE",
@@ -260,6 +298,7 @@ __all__ = [
     "evaluate_sampler",
     "heldout_prompts",
     "heldout_records",
+    "main",
     "load_shapes_pipeline",
     "noise_generators",
     "noise_seed",
@@ -270,3 +309,7 @@ __all__ = [
     "score_images",
     "shapes_call_kwargs",
 ]
+
+
+if __name__ == "__main__":
+    main()
