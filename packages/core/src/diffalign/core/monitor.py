@@ -61,7 +61,7 @@ class StepLogger:
         self.stream = stream
         self._bar = None
         if self.enabled and self.use_bar:
-            self._bar = progress(total=self.total, initial=initial, desc=desc)
+            self._bar = progress(total=self.total, initial=initial, desc=desc, disable=False)
         self._last_time = time.perf_counter()
         self._last_step = initial
 
