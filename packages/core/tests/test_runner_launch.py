@@ -23,13 +23,25 @@ from diffalign.core.training import CheckpointError
 PARAM_ATOL = 1e-5
 
 
-def reference_params(steps: int, lr: float = 0.05, data: ToyData | None = None, rows_of=None) -> torch.Tensor:
-    """The toy recipe trained in one process on the full global batch, in plain torch."""
+def reference_params(
+    steps: int,
+    lr: float = 0.05,
+    data: ToyData | None = None,
+    rows_of=None,
+    fresh_optimizer_at: int | None = None,
+) -> torch.Tensor:
+    """The toy recipe trained in one process on the full global batch, in plain torch.
+
+    ``fresh_optimizer_at`` replaces the optimizer (zero AdamW moments) at that step: a resume that
+    restored the weights but lost the optimizer state.
+    """
     data = data or ToyData()
     model = toy_model(data.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     x, y = toy_data(data)
     for step in range(steps):
+        if step == fresh_optimizer_at:
+            opt = torch.optim.AdamW(model.parameters(), lr=lr)
         rows = batch_rows(step, data) if rows_of is None else rows_of(step)
         torch.nn.functional.mse_loss(model(x[rows]), y[rows]).backward()
         opt.step()
@@ -108,7 +120,11 @@ def test_recipe_trackers_reach_the_accelerator(monkeypatch, tmp_path):
     monkeypatch.setattr(
         importlib.util,
         "find_spec",
-        lambda name, *a: object() if name in installed else (None if name in ("wandb", "tensorboardX") else real_find_spec(name, *a)),
+        lambda name, *a: (
+            object()
+            if name in installed
+            else (None if name in ("wandb", "tensorboardX") else real_find_spec(name, *a))
+        ),
     )
     cfg = LaunchConfig(log_with="tensorboard,wandb")
     assert cfg.log_with == ["tensorboard", "wandb"]
@@ -198,24 +214,22 @@ def test_state_checkpoints_round_trip_atomic_and_verified(tmp_path):
         (ckpt.dir / ".tmp-state_00000002").mkdir(parents=True)  # left by a killed save
         ckpt.save(3, extra={"step": 3, "epoch": 0})
         assert not (ckpt.dir / ".tmp-state_00000002").exists()
-        saved = [p.detach().clone() for p in model.parameters()]
-        moments = [s["exp_avg"].clone() for s in opt.state_dict()["state"].values()]
         for step in range(3, 5):
             _step(model, opt, step=step)
         ckpt.save(5)
         ckpt.save(6)
         assert ckpt.steps() == [5, 6]  # keep_last=2
         ckpt.keep_last = 3
-        ckpt.save(3, extra={"step": 3, "epoch": 0})  # re-saving a step replaces it (params now differ)
-        _step(model, opt, step=5)
-        assert ckpt.steps() == [3, 5, 6]
-        # restore the step-3 copy written last, check params and optimizer moments came back
+        ckpt.save(3, extra={"step": 3, "epoch": 1})  # re-saving a step replaces it
+        assert ckpt.steps() == [3, 5, 6] and not list(ckpt.dir.glob(".tmp-*"))
+        saved = [p.detach().clone() for p in model.parameters()]
+        moments = [s["exp_avg"].clone() for s in opt.state_dict()["state"].values()]
+        _step(model, opt, step=5)  # move params and moments away from the checkpoint
+        assert ckpt.load(3) == {"step": 3, "epoch": 1}
         for p, value in zip(model.parameters(), saved):
-            p.data.add_(1.0)
-        extra = ckpt.load(3)
-        assert extra == {"step": 3, "epoch": 0}
-        state = torch.load(ckpt.path_for(3) / "diffalign_state.pt", weights_only=True)
-        assert state["step"] == 3
+            assert torch.equal(p.detach(), value)
+        for s, value in zip(opt.state_dict()["state"].values(), moments):
+            assert torch.equal(s["exp_avg"], value)
         # corruption: a truncated file and a missing manifest are refused, naming the checkpoint
         victim = ckpt.path_for(5) / "optimizer.bin"
         victim.write_bytes(victim.read_bytes()[:-10])
@@ -226,7 +240,6 @@ def test_state_checkpoints_round_trip_atomic_and_verified(tmp_path):
             ckpt.load_latest()
         with pytest.raises(CheckpointError, match="checkpoint not found"):
             ckpt.load(4)
-        assert len(moments) == 4
     finally:
         _reset_accelerate()
 
@@ -248,6 +261,7 @@ def test_state_checkpoint_resume_restores_params_and_optimizer(tmp_path):
             _step(model, opt, step=s)
         got = torch.cat([v.flatten() for k, v in sorted(model.state_dict().items())])
         assert torch.allclose(got, reference_params(6), atol=PARAM_ATOL, rtol=0)
+        assert (got - reference_params(6, fresh_optimizer_at=3)).abs().max() > 1e-3  # the moments matter
     finally:
         _reset_accelerate()
 
@@ -259,7 +273,9 @@ def _check_two_rank_run(run_dir: Path, result) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     seen = [json.loads((run_dir / "seen" / f"rank{r}.json").read_text())["rows"] for r in (0, 1)]
     assert set(seen[0]).isdisjoint(seen[1]), "ranks trained on the same rows"
-    assert sorted(seen[0] + seen[1]) == sorted(torch.cat([batch_rows(s, ToyData()) for s in range(6)]).tolist())
+    assert sorted(seen[0] + seen[1]) == sorted(
+        torch.cat([batch_rows(s, ToyData()) for s in range(6)]).tolist()
+    )
     rows = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows == [2, 4, 6], "metrics written more than once"
     assert [ln.split(" loss")[0] for ln in result.stderr.splitlines() if ln.startswith("toy step")] == [
@@ -270,7 +286,9 @@ def _check_two_rank_run(run_dir: Path, result) -> None:
     assert result.stdout.count("toy: 6 steps") == 1
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["state_00000003", "state_00000006"]
     got = _params(run_dir)
-    assert torch.allclose(got, reference_params(6), atol=PARAM_ATOL, rtol=0), (got - reference_params(6)).abs().max()
+    assert torch.allclose(got, reference_params(6), atol=PARAM_ATOL, rtol=0), (
+        (got - reference_params(6)).abs().max()
+    )
     # negative control: one rank's half of each batch alone gives measurably different parameters
     half = reference_params(6, rows_of=lambda s: batch_rows(s, ToyData())[:4])
     assert (got - half).abs().max() > 1e-3
@@ -301,13 +319,30 @@ def test_recipe_relaunches_under_accelerate_launch_with_two_cpu_ranks(tmp_path):
 def test_external_torchrun_is_accepted_and_a_wrong_count_exits_2(tmp_path):
     recipe = tmp_path / "toy.yaml"
     recipe.write_text(f"run_dir: {tmp_path / 'run'}\nsteps: 6\n")
-    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2"]
+    base = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+    ]
     base += ["-m", "diffalign.core.testing.toy_run", str(recipe)]
     bad = subprocess.run(base, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "launch.num_processes=1" in bad.stderr
     assert not (tmp_path / "run").exists()
     good = subprocess.run(
-        [*base, "--set", "launch.launcher=torchrun", "--set", "launch.num_processes=2", "--set", "launch.log_every=2"],
+        [
+            *base,
+            "--set",
+            "launch.launcher=torchrun",
+            "--set",
+            "launch.num_processes=2",
+            "--set",
+            "launch.log_every=2",
+        ],
         env=_env(tmp_path),
         capture_output=True,
         text=True,
@@ -322,9 +357,9 @@ def test_external_torchrun_is_accepted_and_a_wrong_count_exits_2(tmp_path):
 # cores); gloo does the same reductions, so the entry point of these runs skips the build.
 _DS_ENTRY = """
 import sys
-import deepspeed.comm.torch as ds_comm_torch
+import deepspeed.comm.torch
 
-ds_comm_torch.build_shm_op = lambda: None
+sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # the attribute path finds torch itself
 from diffalign.core.testing.toy_run import main
 
 sys.exit(main())
@@ -337,7 +372,12 @@ sys.exit(main())
 def test_deepspeed_two_ranks_resume_equals_uninterrupted(tmp_path, stage):
     pytest.importorskip("deepspeed")
     (tmp_path / "ds_toy_entry.py").write_text(_DS_ENTRY)
-    sets = ("launch.launcher=torchrun", "launch.num_processes=2", f"launch.deepspeed={stage}", "launch.log_every=2")
+    sets = (
+        "launch.launcher=torchrun",
+        "launch.num_processes=2",
+        f"launch.deepspeed={stage}",
+        "launch.log_every=2",
+    )
     full = _toy(tmp_path, tmp_path / "full", *sets, module="ds_toy_entry")
     assert full.returncode == 0, full.stderr[-3000:]
     part = _toy(tmp_path, tmp_path / "resumed", *sets, "stop_after=3", module="ds_toy_entry")
@@ -354,12 +394,68 @@ def test_deepspeed_two_ranks_resume_equals_uninterrupted(tmp_path, stage):
     assert torch.allclose(flat, reference_params(3), atol=PARAM_ATOL, rtol=0)
     resumed = _toy(tmp_path, tmp_path / "resumed", *sets, module="ds_toy_entry")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    starts = [json.loads((tmp_path / "resumed" / "seen" / f"rank{r}.json").read_text())["start"] for r in (0, 1)]
+    starts = [
+        json.loads((tmp_path / "resumed" / "seen" / f"rank{r}.json").read_text())["start"] for r in (0, 1)
+    ]
     assert starts == [3, 3]
-    rows = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert rows == [2, 4, 6]
     a, b = _params(tmp_path / "full"), _params(tmp_path / "resumed")
     assert torch.allclose(a, b, atol=PARAM_ATOL, rtol=0), (a - b).abs().max()
-    assert torch.allclose(a, reference_params(6), atol=PARAM_ATOL, rtol=0), (a - reference_params(6)).abs().max()
-    # negative control: skipping the optimizer-state restore (fresh AdamW moments at step 3) differs
-    assert (a - reference_params(3)).abs().max() > 1e-3
+    assert torch.allclose(a, reference_params(6), atol=PARAM_ATOL, rtol=0), (
+        (a - reference_params(6)).abs().max()
+    )
+    # negative control: a resume that lost the optimizer state (fresh AdamW moments at step 3) differs
+    assert (b - reference_params(6, fresh_optimizer_at=3)).abs().max() > 1e-3
+
+
+# --------------------------------------------------------------------------- the README's commands
+
+
+def _readme_commands() -> tuple[str, list[str]]:
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    block = text.split("<!-- commands checked by test_readme_scale_out_commands -->", 1)[1]
+    block = block.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    lines = [
+        line.strip() for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")
+    ]
+    return lines[0], lines[1:]
+
+
+def test_readme_block_has_the_scale_out_commands():
+    setup, commands = _readme_commands()
+    assert setup.startswith("printf") and len(commands) == 5
+    assert all("diffalign.core.testing.toy_run toy.yaml" in c for c in commands)
+
+
+@pytest.mark.slow  # each command starts 1-4 interpreters: 20 s to minutes on 2 shared cores
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("index", range(5))
+def test_readme_scale_out_commands(tmp_path, index):
+    setup, commands = _readme_commands()
+    command = commands[index]
+    if "deepspeed" in command:
+        pytest.importorskip("deepspeed")
+    python = sys.executable
+    command = command.replace("torchrun ", f"{python} -m torch.distributed.run ", 1)
+    command = (
+        command.replace("python ", f"{python} ", 1) if command.startswith(("python", "DS_")) else command
+    )
+    env = _env(tmp_path)
+    result = subprocess.run(
+        f"{setup} && {command}",
+        shell=True,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1700,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = _params(tmp_path / "runs" / "toy")
+    assert torch.allclose(got, reference_params(6), atol=PARAM_ATOL, rtol=0), (
+        (got - reference_params(6)).abs().max()
+    )

@@ -319,7 +319,7 @@ def accelerate_config_dict(cfg: LaunchConfig) -> dict[str, Any]:
             "zero3_init_flag": stage == 3,
             "zero3_save_16bit_model": stage == 3,
             "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-            "gradient_clipping": cfg.gradient_clipping if cfg.gradient_clipping is not None else 1.0,
+            "gradient_clipping": cfg.gradient_clipping if cfg.gradient_clipping is not None else 0.0,
         }
     elif cfg.uses_deepspeed:
         out["deepspeed_config"] = {
@@ -436,15 +436,16 @@ def make_accelerator(
     Trackers are ``log_with`` or, when it is ``None``, ``cfg.log_with``: ``"tensorboard"`` /
     ``"wandb"`` are used only when installed (otherwise a warning is issued and that tracker is
     skipped); ``"auto"`` means tensorboard when installed and ``run_dir`` is set.
-    Without a GPU, a process started with ``WORLD_SIZE > 1`` uses the CPU (gloo) backend (DeepSpeed
-    runs choose theirs through DeepSpeed's accelerator, ``DS_ACCELERATOR=cpu``).
+    Without a GPU, a process started with ``WORLD_SIZE > 1`` uses the CPU (gloo) backend; a DeepSpeed
+    run uses DeepSpeed's CPU communication backend (gloo, or ccl when oneCCL is installed).
     """
     from accelerate import Accelerator
 
     cfg = cfg or LaunchConfig()
     kwargs: dict[str, Any] = {"mixed_precision": cfg.mixed_precision}
-    if (launched_world_size() or 1) > 1 and not _has_gpu() and not cfg.uses_deepspeed:
-        kwargs["cpu"] = True  # DeepSpeed picks its own CPU accelerator (DS_ACCELERATOR=cpu)
+    distributed_cpu = (launched_world_size() or 1) > 1 and not _has_gpu()
+    if distributed_cpu and not cfg.uses_deepspeed:
+        kwargs["cpu"] = True
     if cfg.uses_deepspeed:
         from accelerate.utils import DeepSpeedPlugin
 
@@ -453,7 +454,8 @@ def make_accelerator(
             plugin = DeepSpeedPlugin(
                 zero_stage=stage,
                 gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                gradient_clipping=cfg.gradient_clipping,
+                # None means no clipping, as without DeepSpeed (accelerate would fill in 1.0)
+                gradient_clipping=cfg.gradient_clipping if cfg.gradient_clipping is not None else 0.0,
                 offload_optimizer_device="cpu" if offload else "none",
                 offload_param_device="cpu" if offload and stage == 3 else "none",
                 zero3_init_flag=stage == 3,
@@ -473,6 +475,17 @@ def make_accelerator(
     trackers = _trackers(cfg.log_with if log_with is None else log_with, run_dir)
     if trackers:
         kwargs["log_with"] = trackers
+    if distributed_cpu and cfg.uses_deepspeed:
+        # accelerate finds no distributed backend for DeepSpeed on a CPU and would count one process
+        # although DeepSpeed joined them all; name DeepSpeed's CPU backend (gloo, or ccl with oneCCL)
+        from accelerate.utils import InitProcessGroupKwargs
+        from deepspeed.accelerator import get_accelerator
+
+        backend = get_accelerator().communication_backend_name()
+        handlers = list(accelerator_kwargs.pop("kwargs_handlers", None) or [])
+        if not any(isinstance(h, InitProcessGroupKwargs) for h in handlers):
+            handlers.append(InitProcessGroupKwargs(backend=backend))
+        kwargs["kwargs_handlers"] = handlers
     kwargs.update(accelerator_kwargs)
     return Accelerator(**kwargs)
 
