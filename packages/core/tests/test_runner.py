@@ -51,7 +51,14 @@ def recipe_file(tmp_path):
 
 @pytest.fixture(autouse=True)
 def _not_launched(monkeypatch):
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "DIFFALIGN_LAUNCHED", "DIFFALIGN_ERROR_FILE"):
+    for var in (
+        "WORLD_SIZE",
+        "RANK",
+        "LOCAL_RANK",
+        "ACCELERATE_DYNAMO_BACKEND",
+        "DIFFALIGN_LAUNCHED",
+        "DIFFALIGN_ERROR_FILE",
+    ):
         monkeypatch.delenv(var, raising=False)
 
 
@@ -289,3 +296,28 @@ def test_relaunch_runs_the_launcher_and_returns_its_code(recipe_file, tmp_path, 
     monkeypatch.setenv("WORLD_SIZE", "2")
     code, calls = _run(recipe_file, ["launch.launcher=accelerate", "launch.num_processes=2"])
     assert code == EXIT_OK and calls
+
+
+def test_single_process_accelerate_launch_is_not_relaunched(recipe_file, monkeypatch):
+    import diffalign.core.runner as runner
+
+    monkeypatch.setattr(runner, "_relaunch", lambda *a, **k: pytest.fail("relaunched inside a launcher"))
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")  # set by `accelerate launch`, even for 1 process
+    code, calls = _run(recipe_file, ["launch.launcher=accelerate", "launch.deepspeed=zero2"])
+    assert code == EXIT_OK and calls
+
+
+def test_a_relaunched_rank_reports_to_the_parent_instead_of_printing(
+    recipe_file, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("DIFFALIGN_LAUNCHED", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("DIFFALIGN_ERROR_FILE", str(tmp_path / "error"))
+
+    def train(cfg):
+        raise CheckpointError("corrupt\ncheckpoint")
+
+    code, _ = _run(recipe_file, ["launch.launcher=torchrun", "launch.num_processes=2"], train=train)
+    assert code == EXIT_RUNTIME and capsys.readouterr().err == ""
+    assert json.loads((tmp_path / "error.1").read_text()) == {"code": 1, "message": "corrupt checkpoint"}

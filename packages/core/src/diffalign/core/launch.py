@@ -52,6 +52,7 @@ __all__ = [
     "launched_world_size",
     "make_accelerator",
     "process_rank",
+    "started_by_launcher",
     "resolve_deepspeed_config",
     "write_accelerate_config",
     "write_deepspeed_config",
@@ -527,6 +528,11 @@ def launched_world_size() -> int | None:
         return int(value)
     except ValueError:
         return None
+
+
+def started_by_launcher() -> bool:
+    """True when torchrun, ``accelerate launch`` (any process count) or another launcher started this process."""
+    return any(var in os.environ for var in ("WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_DYNAMO_BACKEND"))
 
 
 def process_rank() -> int:

@@ -16,7 +16,7 @@ It
 3. checks the run directory against the recipe (:func:`diffalign.core.rundir.prepare_run_dir`);
 4. when the recipe's ``launch`` section asks for a launcher and this process was not started by one,
    re-runs the same command under accelerate or torchrun and returns its exit code; when it was
-   started by one (``WORLD_SIZE`` in the environment), checks that the process count equals
+   started by one (torchrun or ``accelerate launch``), checks that the process count equals
    ``launch.num_processes``;
 5. calls ``train(cfg)``.
 
@@ -44,7 +44,7 @@ import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from .config import ConfigError, load_config
-from .launch import ProcessCountError, build_command, launched_world_size, process_rank
+from .launch import ProcessCountError, build_command, launched_world_size, process_rank, started_by_launcher
 from .models import ModelNotFoundError, resolve_model_path
 from .rundir import ResumeMode, RunDirError, prepare_run_dir
 from .training import CheckpointError, NonFiniteError
@@ -255,8 +255,12 @@ def _report_to_parent(code: int, message: str) -> None:
 
 def _fail(code: int, err: BaseException) -> int:
     message = _one_line(str(err)) or type(err).__name__
-    _say(message, err)
-    _report_to_parent(code, message)
+    if os.environ.get(ERROR_FILE_ENV):  # a relaunched rank: the parent prints the error once
+        _report_to_parent(code, message)
+        if os.environ.get("DIFFALIGN_TRACEBACK") == "1":
+            traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
+    else:
+        _say(message, err)
     return code
 
 
@@ -328,7 +332,7 @@ def run_recipe(
         relaunch = (
             launch_cfg is not None
             and launch_cfg.launcher != "none"
-            and world is None
+            and not started_by_launcher()
             and os.environ.get(LAUNCHED_ENV) != "1"
         )
         expected = launch_cfg.num_processes if launch_cfg is not None else 1
