@@ -294,6 +294,30 @@ def _check_two_rank_run(run_dir: Path, result) -> None:
     assert (got - half).abs().max() > 1e-3
 
 
+def _forked_toy_rank(run_dir: str) -> None:
+    from diffalign.core.testing.toy_run import ToyRecipe, train
+
+    torch.set_num_threads(1)
+    launch = LaunchConfig(launcher="torchrun", num_processes=2, log_every=2)
+    train(ToyRecipe(run_dir=run_dir, steps=6, checkpoint_every=3, launch=launch))
+
+
+def test_toy_trainer_on_two_forked_gloo_ranks_matches_one_process(tmp_path, capfd):
+    """The default-suite 2-rank check: accelerate's debug launcher forks 2 gloo ranks (no new interpreter)."""
+    from accelerate import debug_launcher
+
+    run_dir = tmp_path / "run"
+    debug_launcher(_forked_toy_rank, args=(str(run_dir),), num_processes=2)
+    seen = [json.loads((run_dir / "seen" / f"rank{r}.json").read_text())["rows"] for r in (0, 1)]
+    assert set(seen[0]).isdisjoint(seen[1]) and len(seen[0]) == len(seen[1]) == 24
+    rows = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [2, 4, 6]
+    got = _params(run_dir)
+    assert torch.allclose(got, reference_params(6), atol=PARAM_ATOL, rtol=0)
+    half = reference_params(6, rows_of=lambda s: batch_rows(s, ToyData())[:4])
+    assert (got - half).abs().max() > 1e-3
+
+
 @pytest.mark.slow  # 4 interpreters start (runner, torchrun, 2 ranks): 20-40 s on 2 shared cores
 @pytest.mark.timeout(600)
 def test_recipe_relaunches_under_torchrun_with_two_cpu_ranks(tmp_path):
