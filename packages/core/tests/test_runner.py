@@ -321,3 +321,44 @@ def test_a_relaunched_rank_reports_to_the_parent_instead_of_printing(
     code, _ = _run(recipe_file, ["launch.launcher=torchrun", "launch.num_processes=2"], train=train)
     assert code == EXIT_RUNTIME and capsys.readouterr().err == ""
     assert json.loads((tmp_path / "error.1").read_text()) == {"code": 1, "message": "corrupt checkpoint"}
+
+
+def test_a_typer_command_with_the_shared_options(recipe_file, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from diffalign.core.runner import AllowChangedOption, ResumeOption
+
+    app = typer.Typer()
+
+    @app.command()
+    def train(
+        recipe: str,
+        overrides: list[str] = typer.Option(None, "--set"),
+        resume: str = ResumeOption,
+        allow_changed: list[str] = AllowChangedOption,
+    ) -> None:
+        raise typer.Exit(
+            run_recipe(
+                Recipe,
+                recipe,
+                overrides or [],
+                method="toy",
+                train=lambda c: None,
+                resume=resume,
+                allow_changed=allow_changed,
+            )
+        )
+
+    cli = CliRunner()
+    assert cli.invoke(app, [str(recipe_file)]).exit_code == EXIT_OK
+    changed = cli.invoke(app, [str(recipe_file), "--set", "steps=4"])
+    assert changed.exit_code == EXIT_BAD_INPUT and "steps (3 -> 4)" in changed.output
+    assert (
+        cli.invoke(app, [str(recipe_file), "--set", "steps=4", "--allow-changed", "steps"]).exit_code
+        == EXIT_OK
+    )
+    fresh = cli.invoke(app, [str(recipe_file), "--resume", "never"])
+    assert fresh.exit_code == EXIT_BAD_INPUT and "needs an empty run_dir" in fresh.output
+    bad = cli.invoke(app, [str(recipe_file), "--resume", "maybe"])
+    assert bad.exit_code == EXIT_BAD_INPUT and "resume must be" in bad.output

@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import typer
 import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
@@ -50,10 +51,12 @@ from .rundir import ResumeMode, RunDirError, prepare_run_dir
 from .training import CheckpointError, NonFiniteError
 
 __all__ = [
+    "AllowChangedOption",
     "EXIT_BAD_INPUT",
     "EXIT_OK",
     "EXIT_RUNTIME",
     "BadInputError",
+    "ResumeOption",
     "check_file",
     "check_model",
     "check_reward",
@@ -72,6 +75,20 @@ EXIT_BAD_INPUT = 2
 # report the error of a failed rank (so the parent can print it once, with its exit code)
 LAUNCHED_ENV = "DIFFALIGN_LAUNCHED"
 ERROR_FILE_ENV = "DIFFALIGN_ERROR_FILE"
+
+
+# typer options for a method command that calls run_recipe (resume=..., allow_changed=...)
+ResumeOption = typer.Option(
+    "auto",
+    "--resume",
+    help="auto: resume the run in run_dir if there is one; never: start fresh (run_dir must be empty); "
+    "always: fail unless there is a run to resume",
+)
+AllowChangedOption = typer.Option(
+    None,
+    "--allow-changed",
+    help="Recipe key allowed to differ from the run being resumed (repeatable; a section allows all its keys)",
+)
 
 
 class BadInputError(ValueError):
@@ -306,7 +323,7 @@ def run_recipe(
     train: Callable[[T], Any],
     check: Callable[[T], None] | None = None,
     resume: ResumeMode = "auto",
-    allow_changed: Iterable[str] = (),
+    allow_changed: Iterable[str] | None = (),
     fingerprint_ignore: Iterable[str] = ("run_dir",),
     run_dir_field: str | None = "run_dir",
     launch_field: str | None = "launch",
@@ -350,7 +367,7 @@ def run_recipe(
                 method,
                 cfg,
                 resume=resume,
-                allow_changed=allow_changed,
+                allow_changed=allow_changed or (),
                 ignore=fingerprint_ignore,
                 write=not relaunch,
             )
