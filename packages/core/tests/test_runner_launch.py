@@ -464,10 +464,10 @@ def test_readme_scale_out_commands(tmp_path, index):
     if "deepspeed" in command:
         pytest.importorskip("deepspeed")
     python = sys.executable
-    command = command.replace("torchrun ", f"{python} -m torch.distributed.run ", 1)
-    command = (
-        command.replace("python ", f"{python} ", 1) if command.startswith(("python", "DS_")) else command
-    )
+    if command.startswith("torchrun "):
+        command = f"{python} -m torch.distributed.run " + command[len("torchrun ") :]
+    else:
+        command = command.replace("python ", f"{python} ", 1)
     env = _env(tmp_path)
     result = subprocess.run(
         f"{setup} && {command}",
