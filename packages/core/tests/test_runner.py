@@ -1,4 +1,5 @@
 import json
+import sys
 from typing import Any, Literal
 
 import pytest
@@ -362,3 +363,24 @@ def test_a_typer_command_with_the_shared_options(recipe_file, tmp_path):
     assert fresh.exit_code == EXIT_BAD_INPUT and "needs an empty run_dir" in fresh.output
     bad = cli.invoke(app, [str(recipe_file), "--resume", "maybe"])
     assert bad.exit_code == EXIT_BAD_INPUT and "resume must be" in bad.output
+
+
+def test_relaunch_repeats_this_command(monkeypatch):
+    import diffalign.core.runner as runner
+    from diffalign.core.launch import build_command
+
+    monkeypatch.setattr(
+        sys, "orig_argv", ["py", "-X", "utf8", "-m", "diffalign.mlcm.cli", "distill", "r.yaml"]
+    )
+    assert runner._current_command() == ("diffalign.mlcm.cli", ["distill", "r.yaml"], False)
+    monkeypatch.setattr(sys, "orig_argv", ["py", "/venv/bin/diffalign", "mlcm", "distill", "r.yaml"])
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/diffalign", "mlcm", "distill", "r.yaml"])
+    target, args, script = runner._current_command()
+    assert (target, args, script) == ("/venv/bin/diffalign", ["mlcm", "distill", "r.yaml"], True)
+    cfg = LaunchConfig(launcher="torchrun", num_processes=2)
+    cmd = build_command(target, args, cfg, python="py", script=True)
+    assert cmd[-4:] == ["/venv/bin/diffalign", "mlcm", "distill", "r.yaml"] and "-m" not in cmd[-5:]
+    cmd = build_command(
+        "diffalign.mlcm.cli", ["distill"], LaunchConfig(launcher="accelerate", num_processes=2)
+    )
+    assert cmd[-3:] == ["-m", "diffalign.mlcm.cli", "distill"] and "--multi_gpu" in cmd
