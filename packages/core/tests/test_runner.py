@@ -377,6 +377,9 @@ def test_relaunch_repeats_this_command(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["/venv/bin/diffalign", "mlcm", "distill", "r.yaml"])
     target, args, script = runner._current_command()
     assert (target, args, script) == ("/venv/bin/diffalign", ["mlcm", "distill", "r.yaml"], True)
+    monkeypatch.setattr(sys, "orig_argv", ["py", "-W", "ignore", "/venv/bin/diffalign", "x", "-m", "y"])
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/diffalign", "x", "-m", "y"])
+    assert runner._current_command() == ("/venv/bin/diffalign", ["x", "-m", "y"], True)
     cfg = LaunchConfig(launcher="torchrun", num_processes=2)
     cmd = build_command(target, args, cfg, python="py", script=True)
     assert cmd[-4:] == ["/venv/bin/diffalign", "mlcm", "distill", "r.yaml"] and "-m" not in cmd[-5:]

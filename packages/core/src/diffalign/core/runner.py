@@ -284,9 +284,11 @@ def _fail(code: int, err: BaseException) -> int:
 def _current_command() -> tuple[str, list[str], bool]:
     """This process's command as (module or script, args, is_script) for a relaunch."""
     argv = list(getattr(sys, "orig_argv", []) or [])
-    if "-m" in argv:
-        index = argv.index("-m")
-        return argv[index + 1], argv[index + 2 :], False
+    index = 1
+    while index < len(argv) and argv[index].startswith("-"):  # the interpreter's own options
+        if argv[index] == "-m":
+            return argv[index + 1], argv[index + 2 :], False
+        index += 2 if argv[index] in ("-X", "-W") else 1
     return os.path.abspath(sys.argv[0]), list(sys.argv[1:]), True
 
 
