@@ -103,7 +103,12 @@ def test_make_accelerator_uses_the_cpu_backend_when_launched_without_gpu(monkeyp
     make_accelerator(LaunchConfig(launcher="torchrun", num_processes=2))
     assert _Recorder.kwargs["cpu"] is True
     make_accelerator(LaunchConfig(launcher="torchrun", num_processes=2, deepspeed="zero2"))
-    assert "cpu" not in _Recorder.kwargs  # DeepSpeed chooses its own CPU accelerator
+    assert "cpu" not in _Recorder.kwargs  # DeepSpeed runs on its own CPU accelerator ...
+    # ... whose backend accelerate is told, or it would count one process
+    (handler,) = _Recorder.kwargs["kwargs_handlers"]
+    assert handler.backend in ("gloo", "ccl")
+    # an unset gradient_clipping means no clipping under DeepSpeed too (accelerate would use 1.0)
+    assert _Recorder.kwargs["deepspeed_plugin"].deepspeed_config["gradient_clipping"] == 0.0
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     make_accelerator(LaunchConfig(launcher="torchrun", num_processes=2))
     assert "cpu" not in _Recorder.kwargs
