@@ -249,6 +249,29 @@ def test_state_checkpoints_round_trip_atomic_and_verified(tmp_path):
         _reset_accelerate()
 
 
+def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    try:
+        acc, model, opt, ckpt = _toy_accelerator(tmp_path)
+        _step(model, opt)
+        ckpt.save(1, extra={"step": 1})
+        real_save_state = acc.save_state
+
+        def dies_midway(output_dir, **kwargs):
+            Path(output_dir, "model.safetensors").write_bytes(b"partial")
+            raise KeyboardInterrupt  # the process is stopped while writing
+
+        monkeypatch.setattr(acc, "save_state", dies_midway)
+        with pytest.raises(KeyboardInterrupt):
+            ckpt.save(2, extra={"step": 2})
+        assert ckpt.steps() == [1] and ckpt.latest_step() == 1
+        assert ckpt.load_latest() == (1, {"step": 1})
+        monkeypatch.setattr(acc, "save_state", real_save_state)
+        ckpt.save(2, extra={"step": 2})
+        assert ckpt.steps() == [1, 2] and not list(ckpt.dir.glob(".tmp-*"))
+    finally:
+        _reset_accelerate()
+
+
 def test_state_checkpoint_resume_restores_params_and_optimizer(tmp_path):
     """Save at step 3 of 6, mess up the model, load: the finished run equals an uninterrupted one."""
     try:
