@@ -326,8 +326,8 @@ def _forked_toy_rank(run_dir: str) -> None:
     from diffalign.core.testing.toy_run import ToyRecipe, train
 
     torch.set_num_threads(1)
-    launch = LaunchConfig(launcher="torchrun", num_processes=2, log_every=2)
-    train(ToyRecipe(run_dir=run_dir, steps=6, checkpoint_every=3, launch=launch))
+    launch = LaunchConfig(launcher="torchrun", num_processes=2)
+    train(ToyRecipe(run_dir=run_dir, steps=6, checkpoint_every=3, log_every=2, launch=launch))
 
 
 def test_toy_trainer_on_two_forked_gloo_ranks_matches_one_process(tmp_path, capfd):
@@ -350,9 +350,7 @@ def test_toy_trainer_on_two_forked_gloo_ranks_matches_one_process(tmp_path, capf
 @pytest.mark.timeout(600)
 def test_recipe_relaunches_under_torchrun_with_two_cpu_ranks(tmp_path):
     run_dir = tmp_path / "run"
-    result = _toy(
-        tmp_path, run_dir, "launch.launcher=torchrun", "launch.num_processes=2", "launch.log_every=2"
-    )
+    result = _toy(tmp_path, run_dir, "launch.launcher=torchrun", "launch.num_processes=2", "log_every=2")
     _check_two_rank_run(run_dir, result)
 
 
@@ -360,9 +358,7 @@ def test_recipe_relaunches_under_torchrun_with_two_cpu_ranks(tmp_path):
 @pytest.mark.timeout(600)
 def test_recipe_relaunches_under_accelerate_launch_with_two_cpu_ranks(tmp_path):
     run_dir = tmp_path / "run"
-    result = _toy(
-        tmp_path, run_dir, "launch.launcher=accelerate", "launch.num_processes=2", "launch.log_every=2"
-    )
+    result = _toy(tmp_path, run_dir, "launch.launcher=accelerate", "launch.num_processes=2", "log_every=2")
     _check_two_rank_run(run_dir, result)
 
 
@@ -393,7 +389,7 @@ def test_external_torchrun_is_accepted_and_a_wrong_count_exits_2(tmp_path):
             "--set",
             "launch.num_processes=2",
             "--set",
-            "launch.log_every=2",
+            "log_every=2",
         ],
         env=_env(tmp_path),
         capture_output=True,
@@ -428,7 +424,7 @@ def test_deepspeed_two_ranks_resume_equals_uninterrupted(tmp_path, stage):
         "launch.launcher=torchrun",
         "launch.num_processes=2",
         f"launch.deepspeed={stage}",
-        "launch.log_every=2",
+        "log_every=2",
     )
     full = _toy(tmp_path, tmp_path / "full", *sets, module="ds_toy_entry")
     assert full.returncode == 0, full.stderr[-3000:]

@@ -78,9 +78,7 @@ class LaunchConfig(Config):
     (``zero2``, ``zero3``, ``zero3_offload``) or the path of a DeepSpeed JSON config. When
     ``accelerate_config_file`` is set, the accelerate launcher reads the process layout and precision
     from that file instead of these fields. ``log_with`` names the trackers a trainer reports to:
-    ``tensorboard``, ``wandb`` (each when installed) or ``auto`` (tensorboard when installed);
-    ``log_every`` is how often (in steps) a trainer logs, and prints a line when stderr is not a
-    terminal.
+    ``tensorboard``, ``wandb`` (each when installed) or ``auto`` (tensorboard when installed).
     """
 
     launcher: Literal["none", "accelerate", "torchrun"] = "none"
@@ -95,7 +93,6 @@ class LaunchConfig(Config):
     gradient_clipping: float | None = Field(None, gt=0)
     accelerate_config_file: str | None = None
     log_with: list[str] = Field(default_factory=list)
-    log_every: int = Field(10, ge=1)
 
     @field_validator("log_with", mode="before")
     @classmethod

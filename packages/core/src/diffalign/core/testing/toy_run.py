@@ -44,6 +44,7 @@ class ToyRecipe(Config):
     steps: int = Field(6, ge=1)
     lr: float = Field(0.05, gt=0)
     checkpoint_every: int = Field(3, ge=1)
+    log_every: int = Field(10, ge=1)
     stop_after: int | None = Field(None, ge=1, description="return after this step (to test resume)")
     data: ToyData = Field(default_factory=ToyData)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
@@ -91,7 +92,7 @@ def train(cfg: ToyRecipe) -> dict:
         metrics.truncate(start)
     seen: list[int] = []
     stop = min(cfg.steps, cfg.stop_after or cfg.steps)
-    with StepLogger(cfg.steps, log_every=cfg.launch.log_every, desc="toy", initial=start) as log:
+    with StepLogger(cfg.steps, log_every=cfg.log_every, desc="toy", initial=start) as log:
         for step in range(start, stop):
             rows = batch_rows(step, cfg.data)[rank * local_batch : (rank + 1) * local_batch]
             seen += rows.tolist()
@@ -102,7 +103,7 @@ def train(cfg: ToyRecipe) -> dict:
             done = step + 1
             values = {"loss": accelerator.reduce(loss.detach(), reduction="mean").item()}
             log.step(done, values)
-            if done % cfg.launch.log_every == 0 or done == cfg.steps:
+            if done % cfg.log_every == 0 or done == cfg.steps:
                 metrics.append(done, values)
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 checkpoints.save(done, extra={"step": done})
