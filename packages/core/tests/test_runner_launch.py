@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffalign.core.launch import LaunchConfig, ProcessCountError, check_process_count, make_accelerator
+from diffalign.core.launch import (
+    LaunchConfig,
+    ProcessCountError,
+    check_process_count,
+    make_accelerator,
+    resolve_trackers,
+)
 from diffalign.core.monitor import StepLogger
 from diffalign.core.testing.toy_run import ToyData, batch_rows, toy_data, toy_model
 from diffalign.core.training import CheckpointError
@@ -144,6 +150,8 @@ def test_recipe_trackers_reach_the_accelerator(monkeypatch, tmp_path):
         warnings.simplefilter("error")
         make_accelerator(LaunchConfig(log_with="none"), run_dir=tmp_path)
     assert "log_with" not in _Recorder.kwargs
+    assert resolve_trackers(["auto", "wandb"], tmp_path) == ["tensorboard", "wandb"]
+    assert resolve_trackers(["auto"], None) == []  # auto needs a run directory to log into
     with pytest.raises(ValueError, match="unknown tracker"):
         LaunchConfig(log_with=["mlflow2"])
 

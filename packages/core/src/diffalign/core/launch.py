@@ -52,6 +52,7 @@ __all__ = [
     "launched_world_size",
     "make_accelerator",
     "process_rank",
+    "resolve_trackers",
     "started_by_launcher",
     "resolve_deepspeed_config",
     "write_accelerate_config",
@@ -470,7 +471,7 @@ def make_accelerator(
         kwargs["project_config"] = ProjectConfiguration(
             project_dir=str(run_dir), logging_dir=str(Path(run_dir) / "logs")
         )
-    trackers = _trackers(cfg.log_with if log_with is None else log_with, run_dir)
+    trackers = resolve_trackers(cfg.log_with if log_with is None else log_with, run_dir)
     if trackers:
         kwargs["log_with"] = trackers
     if distributed_cpu and cfg.uses_deepspeed:
@@ -488,7 +489,11 @@ def make_accelerator(
     return Accelerator(**kwargs)
 
 
-def _trackers(log_with: str | Sequence[str] | None, run_dir: Any) -> list[str]:
+def resolve_trackers(log_with: str | Sequence[str] | None, run_dir: Any = None) -> list[str]:
+    """The installed trackers among ``log_with`` (``auto``: tensorboard when installed and ``run_dir`` set).
+
+    For trainers that take tracker names directly (``transformers.TrainingArguments(report_to=...)``).
+    """
     if log_with is None:
         return []
     names = [log_with] if isinstance(log_with, str) else list(log_with)
