@@ -101,6 +101,8 @@ def test_typed_overrides_leave_bad_values_for_validation(recipe_file):
         load_recipe(Recipe, recipe_file, ["unknown=1"])
     with pytest.raises(ConfigError, match="recipe file not found"):
         load_recipe(Recipe, recipe_file.parent / "missing.yaml")
+    with pytest.raises(ConfigError, match="recipe path is a directory"):
+        load_recipe(Recipe, recipe_file.parent)
 
 
 # --------------------------------------------------------------------------- component checks

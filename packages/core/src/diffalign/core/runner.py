@@ -186,9 +186,10 @@ def typed_overrides(cls: type[BaseModel], overrides: Iterable[str]) -> list[str]
 
 def load_recipe(cls: type[T], path: str | os.PathLike | None, overrides: Iterable[str] = ()) -> T:
     """:func:`~diffalign.core.config.load_config` with :func:`typed_overrides`; raises ``ConfigError``."""
+    if path is not None and Path(path).is_dir():
+        raise ConfigError(f"recipe path is a directory, expected a .yaml/.yml/.toml/.json file: {path}")
     if path is not None and not Path(path).is_file():
-        kind = "a directory" if Path(path).is_dir() else "not found"
-        raise ConfigError(f"recipe file {kind}: {path}")
+        raise ConfigError(f"recipe file not found: {path}")
     return load_config(cls, path, typed_overrides(cls, list(overrides)))
 
 
