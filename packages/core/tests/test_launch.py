@@ -270,7 +270,8 @@ _ZERO_WORKER = textwrap.dedent(
     import json, sys
     import torch
     import deepspeed
-    import deepspeed.comm.torch as ds_comm_torch
+    import deepspeed.comm.torch
+    ds_comm_torch = sys.modules["deepspeed.comm.torch"]  # the attribute path would find torch itself
     from diffalign.core.launch import deepspeed_config, resolve_deepspeed_config
 
     # The CPU backend JIT-compiles a shared-memory all-reduce op on first use (minutes on 2 cores);
@@ -395,7 +396,8 @@ _ACCELERATE_DS_WORKER = textwrap.dedent(
     """
     import json, sys
     import torch
-    import deepspeed.comm.torch as ds_comm_torch
+    import deepspeed.comm.torch
+    ds_comm_torch = sys.modules["deepspeed.comm.torch"]  # the attribute path would find torch itself
     from diffalign.core.launch import LaunchConfig, make_accelerator
 
     ds_comm_torch.build_shm_op = lambda: None  # see the ZeRO test: skip the CPU shm op build

@@ -10,10 +10,15 @@ accelerate ``DeepSpeedPlugin`` arguments inside the worker and as a raw DeepSpee
 accelerate fills at ``prepare`` time; :func:`resolve_deepspeed_config` fills them for raw
 ``deepspeed.initialize`` use.
 
-On CPU-only machines (measured with accelerate 1.15, DeepSpeed 0.19.8): ``accelerate.debug_launcher``
-and torchrun give real multi-process gloo data parallelism; ``accelerate launch`` with DeepSpeed
-runs one process; more processes need torchrun. The multi-process ``distributed_type`` written by
-:func:`write_accelerate_config` is ``MULTI_GPU`` (GPU clusters), as accelerate expects there.
+On CPU-only machines (measured with accelerate 1.16, DeepSpeed 0.19.8): a worker started with
+``WORLD_SIZE > 1`` and no GPU gets a CPU accelerator on the gloo backend (``MULTI_CPU``), so
+``accelerate launch --multi_gpu``, torchrun and ``accelerate.debug_launcher`` all give real
+multi-process data parallelism; ``accelerate launch`` with DeepSpeed runs one process; more processes
+need torchrun. The multi-process ``distributed_type`` written by :func:`write_accelerate_config` is
+``MULTI_GPU`` (GPU clusters), as accelerate expects there.
+
+Inside a worker, :func:`launched_world_size` tells whether a launcher started this process and
+:func:`check_process_count` asserts that the accelerator runs as many processes as the recipe asks.
 """
 
 from __future__ import annotations
@@ -36,12 +41,19 @@ from diffalign.core.config import Config
 
 __all__ = [
     "DEEPSPEED_PRESETS",
+    "TRACKERS",
     "LaunchConfig",
+    "ProcessCountError",
     "build_command",
+    "check_process_count",
     "deepspeed_config",
     "is_main_process",
     "launch",
+    "launched_world_size",
     "make_accelerator",
+    "process_rank",
+    "resolve_trackers",
+    "started_by_launcher",
     "resolve_deepspeed_config",
     "write_accelerate_config",
     "write_deepspeed_config",
@@ -52,6 +64,11 @@ DEEPSPEED_PRESETS: dict[str, tuple[int, bool]] = {
     "zero3": (3, False),
     "zero3_offload": (3, True),
 }
+TRACKERS = ("auto", "tensorboard", "wandb")
+
+
+class ProcessCountError(ValueError):
+    """The run has a different number of processes than the recipe's ``launch.num_processes``."""
 
 
 class LaunchConfig(Config):
@@ -61,7 +78,8 @@ class LaunchConfig(Config):
     ``num_processes // num_machines`` per node. ``deepspeed`` is ``none``, a preset
     (``zero2``, ``zero3``, ``zero3_offload``) or the path of a DeepSpeed JSON config. When
     ``accelerate_config_file`` is set, the accelerate launcher reads the process layout and precision
-    from that file instead of these fields.
+    from that file instead of these fields. ``log_with`` names the trackers a trainer reports to:
+    ``tensorboard``, ``wandb`` (each when installed) or ``auto`` (tensorboard when installed).
     """
 
     launcher: Literal["none", "accelerate", "torchrun"] = "none"
@@ -75,6 +93,19 @@ class LaunchConfig(Config):
     gradient_accumulation_steps: int = Field(1, ge=1)
     gradient_clipping: float | None = Field(None, gt=0)
     accelerate_config_file: str | None = None
+    log_with: list[str] = Field(default_factory=list)
+
+    @field_validator("log_with", mode="before")
+    @classmethod
+    def _check_log_with(cls, value: Any) -> Any:
+        if value is None or value == "none":
+            return []
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        unknown = [v for v in value if v not in TRACKERS]
+        if unknown:
+            raise ValueError(f"unknown tracker(s) {unknown}; choose from {list(TRACKERS)} or 'none'")
+        return value
 
     @field_validator("deepspeed")
     @classmethod
@@ -287,7 +318,7 @@ def accelerate_config_dict(cfg: LaunchConfig) -> dict[str, Any]:
             "zero3_init_flag": stage == 3,
             "zero3_save_16bit_model": stage == 3,
             "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-            "gradient_clipping": cfg.gradient_clipping if cfg.gradient_clipping is not None else 1.0,
+            "gradient_clipping": cfg.gradient_clipping if cfg.gradient_clipping is not None else 0.0,
         }
     elif cfg.uses_deepspeed:
         out["deepspeed_config"] = {
@@ -309,17 +340,27 @@ def write_accelerate_config(path: str | os.PathLike, cfg: LaunchConfig) -> Path:
 
 
 def build_command(
-    module: str, args: Sequence[str] = (), cfg: LaunchConfig | None = None, *, python: str | None = None
+    module: str,
+    args: Sequence[str] = (),
+    cfg: LaunchConfig | None = None,
+    *,
+    python: str | None = None,
+    script: bool = False,
 ) -> list[str]:
-    """The command line that runs ``python -m module *args`` under ``cfg.launcher``. Pure function."""
+    """The command line that runs ``python -m module *args`` under ``cfg.launcher``. Pure function.
+
+    With ``script=True``, ``module`` is the path of a Python script (a console script, for example)
+    run as ``python module *args``.
+    """
     cfg = cfg or LaunchConfig()
     python = python or sys.executable
     if not module or module.startswith("-"):
         raise ValueError(f"module must be a dotted module name, got {module!r}")
     args = [str(a) for a in args]
+    target = [module] if script else ["-m", module]
 
     if cfg.launcher == "none":
-        return [python, "-m", module, *args]
+        return [python, *target, *args]
 
     if cfg.launcher == "torchrun":
         cmd = [python, "-m", "torch.distributed.run", "--nproc_per_node", str(cfg.processes_per_machine)]
@@ -329,7 +370,7 @@ def build_command(
             cmd += ["--nnodes", str(cfg.num_machines), "--node_rank", str(cfg.machine_rank)]
             cmd += ["--master_addr", cfg.main_process_ip or "127.0.0.1"]
             cmd += ["--master_port", str(cfg.main_process_port or 29500)]
-        return [*cmd, "-m", module, *args]
+        return [*cmd, *target, *args]
 
     cmd = [python, "-m", "accelerate.commands.launch"]
     if cfg.accelerate_config_file:
@@ -354,7 +395,7 @@ def build_command(
             cmd += ["--use_deepspeed", "--deepspeed_config_file", str(cfg.deepspeed)]
         elif cfg.num_processes > 1:
             cmd += ["--multi_gpu"]
-    return [*cmd, "-m", module, *args]
+    return [*cmd, *target, *args]
 
 
 def launch(
@@ -390,14 +431,20 @@ def make_accelerator(
     """Build the ``accelerate.Accelerator`` for ``cfg`` inside a (possibly distributed) worker.
 
     DeepSpeed presets become a ``DeepSpeedPlugin``; a JSON path is passed as ``hf_ds_config``.
-    ``project_dir`` is ``run_dir``. ``log_with="tensorboard"`` (or ``"auto"``: tensorboard when
-    installed and ``run_dir`` is set) uses the tensorboard tracker only when it is installed; when
-    it is not, a warning is issued and no tracker is used.
+    The project configuration has ``project_dir=run_dir`` and ``logging_dir=run_dir/logs``.
+    Trackers are ``log_with`` or, when it is ``None``, ``cfg.log_with``: ``"tensorboard"`` /
+    ``"wandb"`` are used only when installed (otherwise a warning is issued and that tracker is
+    skipped); ``"auto"`` means tensorboard when installed and ``run_dir`` is set.
+    Without a GPU, a process started with ``WORLD_SIZE > 1`` uses the CPU (gloo) backend; a DeepSpeed
+    run uses DeepSpeed's CPU communication backend (gloo, or ccl when oneCCL is installed).
     """
     from accelerate import Accelerator
 
     cfg = cfg or LaunchConfig()
     kwargs: dict[str, Any] = {"mixed_precision": cfg.mixed_precision}
+    distributed_cpu = (launched_world_size() or 1) > 1 and not _has_gpu()
+    if distributed_cpu and not cfg.uses_deepspeed:
+        kwargs["cpu"] = True
     if cfg.uses_deepspeed:
         from accelerate.utils import DeepSpeedPlugin
 
@@ -406,7 +453,8 @@ def make_accelerator(
             plugin = DeepSpeedPlugin(
                 zero_stage=stage,
                 gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                gradient_clipping=cfg.gradient_clipping,
+                # None means no clipping, as without DeepSpeed (accelerate would fill in 1.0)
+                gradient_clipping=cfg.gradient_clipping if cfg.gradient_clipping is not None else 0.0,
                 offload_optimizer_device="cpu" if offload else "none",
                 offload_param_device="cpu" if offload and stage == 3 else "none",
                 zero3_init_flag=stage == 3,
@@ -418,15 +466,34 @@ def make_accelerator(
     else:
         kwargs["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
     if run_dir is not None:
-        kwargs["project_dir"] = str(run_dir)
-    trackers = _trackers(log_with, run_dir)
+        from accelerate.utils import ProjectConfiguration
+
+        kwargs["project_config"] = ProjectConfiguration(
+            project_dir=str(run_dir), logging_dir=str(Path(run_dir) / "logs")
+        )
+    trackers = resolve_trackers(cfg.log_with if log_with is None else log_with, run_dir)
     if trackers:
         kwargs["log_with"] = trackers
+    if distributed_cpu and cfg.uses_deepspeed:
+        # accelerate finds no distributed backend for DeepSpeed on a CPU and would count one process
+        # although DeepSpeed joined them all; name DeepSpeed's CPU backend (gloo, or ccl with oneCCL)
+        from accelerate.utils import InitProcessGroupKwargs
+        from deepspeed.accelerator import get_accelerator
+
+        backend = get_accelerator().communication_backend_name()
+        handlers = list(accelerator_kwargs.pop("kwargs_handlers", None) or [])
+        if not any(isinstance(h, InitProcessGroupKwargs) for h in handlers):
+            handlers.append(InitProcessGroupKwargs(backend=backend))
+        kwargs["kwargs_handlers"] = handlers
     kwargs.update(accelerator_kwargs)
     return Accelerator(**kwargs)
 
 
-def _trackers(log_with: str | Sequence[str] | None, run_dir: Any) -> list[str]:
+def resolve_trackers(log_with: str | Sequence[str] | None, run_dir: Any = None) -> list[str]:
+    """The installed trackers among ``log_with`` (``auto``: tensorboard when installed and ``run_dir`` set).
+
+    For trainers that take tracker names directly (``transformers.TrainingArguments(report_to=...)``).
+    """
     if log_with is None:
         return []
     names = [log_with] if isinstance(log_with, str) else list(log_with)
@@ -441,9 +508,51 @@ def _trackers(log_with: str | Sequence[str] | None, run_dir: Any) -> list[str]:
                 out.append("tensorboard")
         elif name == "tensorboard" and not has_tensorboard:
             warnings.warn("tensorboard is not installed; logging without a tracker", stacklevel=3)
+        elif name == "wandb" and importlib.util.find_spec("wandb") is None:
+            warnings.warn("wandb is not installed; logging without it", stacklevel=3)
         else:
             out.append(name)
     return out
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def launched_world_size() -> int | None:
+    """The process count a launcher (torchrun, accelerate launch, deepspeed) set, or ``None``."""
+    value = os.environ.get("WORLD_SIZE")
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return None
+
+
+def started_by_launcher() -> bool:
+    """True when torchrun, ``accelerate launch`` (any process count) or another launcher started this process."""
+    return any(var in os.environ for var in ("WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_DYNAMO_BACKEND"))
+
+
+def process_rank() -> int:
+    """This process's global rank from the environment (0 when not launched)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def check_process_count(accelerator: Any, cfg: LaunchConfig) -> None:
+    """Raise :class:`ProcessCountError` unless ``accelerator`` runs ``cfg.num_processes`` processes."""
+    if accelerator.num_processes != cfg.num_processes:
+        raise ProcessCountError(
+            f"the recipe asks for launch.num_processes={cfg.num_processes} but the accelerator runs "
+            f"{accelerator.num_processes} process(es) ({accelerator.distributed_type}); launch with "
+            f"{cfg.num_processes} processes or change launch.num_processes"
+        )
 
 
 def is_main_process() -> bool:
