@@ -90,31 +90,12 @@ def _with_scheduler(factory, **overrides):
     return pipe
 
 
-def _size_conditioned_pixart():
-    """A PixArt-alpha-1024-style transformer: sample size 128, which makes diffusers embed (resolution,
-    aspect ratio) (``use_additional_conditions`` unset)."""
-    from diffusers import PixArtTransformer2DModel
-
-    pipe = testing.tiny_pixart_pipeline()
-    torch.manual_seed(0)
-    # the size embedding takes a third of the width each: a width divisible by 3
-    config = {
-        **pipe.transformer.config,
-        "sample_size": 128,
-        "use_additional_conditions": None,
-        "attention_head_dim": 12,
-        "cross_attention_dim": 24,
-    }
-    pipe.transformer = PixArtTransformer2DModel.from_config(config).eval()
-    return pipe
-
-
 CASES = {
     "sd-eps": (testing.tiny_sd_pipeline, "sd"),
     "sd-v": (lambda: _with_scheduler(testing.tiny_sd_pipeline, prediction_type="v_prediction"), "sd"),
     "sdxl": (lambda: _with_scheduler(testing.tiny_sdxl_pipeline), "sdxl"),
     "pixart": (testing.tiny_pixart_pipeline, "pixart"),
-    "pixart-sized": (_size_conditioned_pixart, "pixart"),
+    "pixart-sized": (testing.tiny_pixart_sized_pipeline, "pixart"),
     "flux": (testing.tiny_flux_pipeline, "flux"),
 }
 
@@ -185,7 +166,7 @@ def test_guided_x0_equals_the_pipeline_step(case, guidance):
 
 
 def test_pixart_size_conditioning_is_passed_only_where_used():
-    sized = denoiser_for(_size_conditioned_pixart(), resolution=16)
+    sized = denoiser_for(testing.tiny_pixart_sized_pipeline(), resolution=16)
     plain = denoiser_for(testing.tiny_pixart_pipeline(), resolution=16)
     z = torch.zeros(plain.latent_shape(2))
     assert plain.added_cond_kwargs(z) == {"resolution": None, "aspect_ratio": None}

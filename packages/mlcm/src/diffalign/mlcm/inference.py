@@ -52,9 +52,9 @@ def load_student(
 
 def pipeline_kwargs(pipe) -> dict:
     """Extra call arguments some pipelines need at small, non-standard resolutions."""
-    from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline
+    from diffalign.core.models import detect_family
 
-    if isinstance(pipe, (PixArtAlphaPipeline, PixArtSigmaPipeline)):
+    if detect_family(pipe) == "pixart":
         return {"use_resolution_binning": False, "clean_caption": False}
     return {}
 
