@@ -185,16 +185,31 @@ def test_pixart_size_conditioning_is_passed_only_where_used():
         )
 
 
-def test_flux_flow_prediction_equals_the_pipeline_euler_step():
-    """FLUX: one Euler step from sigma = 1 to 0 is z - v = x0; packing, ids and timestep scaling agree."""
+@pytest.mark.parametrize("guidance_embeds", [False, True])
+def test_flux_flow_prediction_equals_the_pipeline_euler_step(guidance_embeds):
+    """FLUX: one Euler step from sigma = 1 to 0 is z - v = x0; packing, ids, timestep scaling and (for
+    guidance-distilled models, FLUX.1-dev) the guidance embedding agree with the pipeline."""
     pipe = testing.tiny_flux_pipeline()
+    if guidance_embeds:
+        from diffusers import FluxTransformer2DModel
+
+        torch.manual_seed(0)
+        config = {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")}
+        config["guidance_embeds"] = True
+        pipe.transformer = FluxTransformer2DModel.from_config(config).eval()
     den = denoiser_for(pipe, resolution=16)
     assert den.prediction_type == "flow" and den.latent_channels == 4
+    assert den.guidance_embedded == guidance_embeds
     z = torch.randn(den.latent_shape(2), generator=torch.Generator().manual_seed(0))
     t = torch.full((2,), den.schedule.num_train_timesteps)
     cond = den.encode(PROMPTS)
     with torch.no_grad():
-        x0 = den.predict_x0_eps(None, z, t, cond.cond)[0]
+        if guidance_embeds:
+            alpha, sigma = den.schedule.alpha_sigma(t, z)
+            x0 = to_x0_eps(den.guided_fn(None, cond, 3.5)(z, t), z, alpha, sigma, "flow")[0]
+            other = to_x0_eps(den.guided_fn(None, cond, 1.0)(z, t), z, alpha, sigma, "flow")[0]
+        else:
+            x0 = den.predict_x0_eps(None, z, t, cond.cond)[0]
         b, c, h, w = z.shape
         packed = z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
         reference = pipe(
@@ -205,14 +220,17 @@ def test_flux_flow_prediction_equals_the_pipeline_euler_step():
             width=16,
             output_type="latent",
             max_sequence_length=den.max_sequence_length,
+            guidance_scale=3.5,
         ).images
     ours = x0.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
     torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
+    if guidance_embeds:  # negative control: the guidance scale reaches the network
+        assert (other - x0).abs().max() > 1e-4
     # negative control: the timestep unscaled (t instead of t/T) gives another output
     wrong = den.model(
         hidden_states=packed,
         timestep=t.float(),
-        guidance=None,
+        guidance=torch.full((2,), 3.5) if guidance_embeds else None,
         img_ids=pipe._prepare_latent_image_ids(b, h // 2, w // 2, z.device, z.dtype),
         return_dict=False,
         **cond.cond,
