@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from diffalign.core import testing
-from diffalign.di_star import modeling as M
+from diffalign.core.denoisers import denoiser_for, to_x0_eps
 from diffalign.di_star.inference import sample_one_step, to_one_step_pipeline
+from diffalign.di_star.train import generate_x0
 
 PROMPTS = ["a red circle", "two blue squares"]
 
@@ -23,13 +24,12 @@ def _pipe(kind):
 @pytest.mark.parametrize("kind", ["sd-eps", "sd-v", "sdxl"])
 def test_t8_direct_one_step_equals_lcm_pipeline(kind):
     pipe = _pipe(kind)
-    schedule = M.NoiseSchedule(pipe.scheduler)
-    shape = M.latent_shape(pipe)
-    noise = torch.randn(len(PROMPTS), *shape, generator=torch.Generator().manual_seed(0))
-    cond, _ = M.encode_prompts(pipe, PROMPTS)
+    den = denoiser_for(pipe)
+    noise = torch.randn(den.latent_shape(len(PROMPTS)), generator=torch.Generator().manual_seed(0))
+    cond = den.encode(PROMPTS).cond
     with torch.no_grad():
-        direct = M.generate_x0(pipe.unet, noise, cond, schedule, 399)
-        direct_other_t = M.generate_x0(pipe.unet, noise, cond, schedule, 499)
+        direct = generate_x0(den, pipe.unet, noise, cond, 399)
+        direct_other_t = generate_x0(den, pipe.unet, noise, cond, 499)
     to_one_step_pipeline(pipe)
     via_pipe = sample_one_step(pipe, PROMPTS, 399, latents=noise.clone(), output_type="latent")
     assert via_pipe.shape == direct.shape
@@ -44,13 +44,15 @@ def test_t8_direct_one_step_equals_lcm_pipeline(kind):
 def test_v_prediction_handled_as_v():
     """With a v-prediction teacher, treating the output as epsilon would give a different x0."""
     pipe = _pipe("sd-v")
-    schedule = M.NoiseSchedule(pipe.scheduler)
-    assert schedule.prediction_type == "v_prediction"
-    noise = torch.randn(2, *M.latent_shape(pipe), generator=torch.Generator().manual_seed(1))
-    cond, _ = M.encode_prompts(pipe, PROMPTS)
+    den = denoiser_for(pipe)
+    assert den.prediction_type == "v_prediction"
+    noise = torch.randn(den.latent_shape(2), generator=torch.Generator().manual_seed(1))
+    cond = den.encode(PROMPTS).cond
+    t = torch.full((2,), 399)
     with torch.no_grad():
-        as_v = M.generate_x0(pipe.unet, noise, cond, schedule, 399)
-        as_eps = M.generate_x0(pipe.unet, noise, cond, schedule, 399, prediction_type="epsilon")
+        as_v = generate_x0(den, pipe.unet, noise, cond, 399)
+        alpha, sigma = den.schedule.alpha_sigma(t, noise)
+        as_eps = to_x0_eps(den.forward(None, noise, t, cond), noise, alpha, sigma, "epsilon")[0]
     assert (as_v - as_eps).abs().max() > 1e-2
 
 

@@ -17,6 +17,7 @@ from distar_gaussians import (
     gen_params,
 )
 
+from diffalign.core.denoisers import to_x0_eps
 from diffalign.di_star import losses as L
 
 N = 400_000
@@ -159,8 +160,9 @@ def test_t3_l2_is_sid_up_to_time_constant():
 
     ef, er = nets(x_t)
     ours = L.di_star_generator_loss(ef, er, noise, sigma, 1.0, "l2")
-    f_fake = L.to_x0(ef, x_t, alpha, sigma, "epsilon")
-    f_ref = L.to_x0(er, x_t, alpha, sigma, "epsilon")
+    a4, s4 = alpha.view(3, 1, 1, 1), sigma.view(3, 1, 1, 1)
+    f_fake = to_x0_eps(ef, x_t, a4, s4, "epsilon")[0]
+    f_ref = to_x0_eps(er, x_t, a4, s4, "epsilon")[0]
     sid = ((f_ref - f_fake) * (f_fake - x0)).flatten(1).sum(1)
     torch.testing.assert_close(ours * sigma**4 / (2 * alpha**2), sid)
     g1 = torch.autograd.grad((ours * sigma**4 / (2 * alpha**2)).sum(), x0, retain_graph=True)[0]
@@ -278,8 +280,9 @@ def test_dsm_targets_and_conversions(prediction_type):
     x_t = alpha.view(3, 1, 1, 1) * x0 + sigma.view(3, 1, 1, 1) * noise
     a4, s4 = alpha.view(3, 1, 1, 1), sigma.view(3, 1, 1, 1)
     perfect = {"epsilon": noise, "v_prediction": a4 * noise - s4 * x0, "sample": x0}[prediction_type]
-    torch.testing.assert_close(L.to_epsilon(perfect, x_t, alpha, sigma, prediction_type), noise)
-    torch.testing.assert_close(L.to_x0(perfect, x_t, alpha, sigma, prediction_type), x0)
+    x0_hat, eps_hat = to_x0_eps(perfect, x_t, a4, s4, prediction_type)
+    torch.testing.assert_close(eps_hat, noise)
+    torch.testing.assert_close(x0_hat, x0)
     assert L.fake_score_dsm_loss(perfect, x0, noise, alpha, sigma, prediction_type).abs().max() < 1e-10
     wrong = "sample" if prediction_type != "sample" else "epsilon"
     assert L.fake_score_dsm_loss(perfect, x0, noise, alpha, sigma, wrong).min() > 1e-3
@@ -338,6 +341,6 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="unknown distance"):
         L.distance_value(y, "l1")
     with pytest.raises(ValueError, match="prediction_type"):
-        L.to_epsilon(y, y, torch.ones(2), torch.ones(2), "flow")
+        L.fake_score_dsm_loss(y, y, y, torch.ones(2), torch.ones(2), "flow")
     with pytest.raises(ValueError, match="weighting"):
         L.timestep_weight(torch.ones(2), torch.ones(2), "snr")

@@ -6,8 +6,8 @@ import pytest
 import torch
 from distar_fixtures import TinyPixelReward, tiny_config
 
+import diffalign.di_star.train as T
 from diffalign.core import testing
-from diffalign.di_star import modeling as M
 from diffalign.di_star.inference import sample_one_step, to_one_step_pipeline
 from diffalign.di_star.train import DiStarTrainer
 
@@ -93,13 +93,11 @@ def test_divergence_gradient_flows_through_fake_output():
     rnd = trainer.randomness(0, "generator", 0, trainer.cfg.loss.timestep_range)
     terms = trainer.generator_losses(rnd)
     g_full = torch.autograd.grad(terms["loss_divergence"], trainer.generator_params)
-    original = M.predict_epsilon
+    original = T.predict_epsilon
 
-    def detached(unet, *args, **kwargs):
-        out = original(unet, *args, **kwargs)
+    def detached(den, unet, *args, **kwargs):
+        out = original(den, unet, *args, **kwargs)
         return out.detach() if unet is trainer.fake else out
-
-    import diffalign.di_star.train as T
 
     T.predict_epsilon = detached
     try:
@@ -135,11 +133,11 @@ def test_lora_generator_trains_only_adapters_and_fuses():
     merged = trainer.merged_generator()
     assert not any("lora" in n for n, _ in merged.named_parameters())
     noise = torch.randn(2, *trainer.latent_shape, generator=torch.Generator().manual_seed(0))
-    cond, _ = M.encode_prompts(pipe, PROMPTS[:2])
+    cond = trainer.den.encode(PROMPTS[:2]).cond
     with torch.no_grad():
-        a = M.generate_x0(trainer.generator, noise, cond, trainer.schedule, 399)
-        b = M.generate_x0(merged, noise, cond, trainer.schedule, 399)
-        c = M.generate_x0(pipe.unet, noise, cond, trainer.schedule, 399)
+        a = T.generate_x0(trainer.den, trainer.generator, noise, cond, 399)
+        b = T.generate_x0(trainer.den, merged, noise, cond, 399)
+        c = T.generate_x0(trainer.den, pipe.unet, noise, cond, 399)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert (a - c).abs().max() > 1e-4  # the LoRA moved the generator away from the teacher
 

@@ -1,5 +1,6 @@
 import torch
 
+from diffalign.core.denoisers import NoiseSchedule
 from diffalign.mlcm.distill import (
     draw_segment_pairs,
     inter_segment_loss,
@@ -8,7 +9,7 @@ from diffalign.mlcm.distill import (
     student_sample,
     teacher_trajectory,
 )
-from diffalign.mlcm.schedule import NoiseSchedule, milestone_grid, segment_map
+from diffalign.mlcm.schedule import milestone_grid, segment_map
 
 
 def test_segment_pairs_stay_inside_their_segment():

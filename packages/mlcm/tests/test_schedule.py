@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
+from diffalign.core.denoisers import NoiseSchedule
 from diffalign.mlcm.schedule import (
-    NoiseSchedule,
     ddim_jump,
     inverse_ddim,
     milestone_grid,
@@ -11,7 +11,6 @@ from diffalign.mlcm.schedule import (
     segment_boundary,
     segment_index,
     segment_map,
-    to_x0_eps,
 )
 
 
@@ -61,24 +60,6 @@ def test_segment_index_and_boundary():
     assert not (segment_boundary(t[:-1], m) == t[:-1]).any()
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
-def test_prediction_type_conversion_is_exact(prediction_type):
-    torch.manual_seed(0)
-    sched = NoiseSchedule.scaled_linear()
-    x0, eps = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
-    t = torch.tensor([10, 500, 990])
-    a, s = sched.alpha_sigma(t, x0)
-    z = a * x0 + s * eps
-    out = {"epsilon": eps, "v_prediction": a * eps - s * x0, "sample": x0}[prediction_type]
-    x0_hat, eps_hat = to_x0_eps(out, z, a, s, prediction_type)
-    torch.testing.assert_close(x0_hat, x0, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(eps_hat, eps, atol=1e-4, rtol=1e-4)
-    # negative control: reading the output as the wrong type does not recover x0
-    wrong = {"epsilon": "v_prediction", "v_prediction": "epsilon", "sample": "epsilon"}[prediction_type]
-    x0_wrong, _ = to_x0_eps(out, z, a, s, wrong)
-    assert (x0_wrong - x0).abs().max() > 0.1
-
-
 def test_ddim_jump_identity_and_inverse():
     torch.manual_seed(1)
     sched = NoiseSchedule.scaled_linear()
@@ -99,14 +80,3 @@ def test_ddim_jump_identity_and_inverse():
     # negative control: a jump to a different boundary lands elsewhere
     other = segment_map(eps, z_t, t, (s - 100).clamp(min=0), sched, "epsilon")
     assert (other - z_s).abs().max() > 1e-2
-
-
-def test_schedule_from_scheduler_and_bounds():
-    from diffusers import DDIMScheduler
-
-    ddim = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    sched = NoiseSchedule.from_scheduler(ddim)
-    ref = NoiseSchedule.scaled_linear()
-    torch.testing.assert_close(sched.alphas_cumprod, ref.alphas_cumprod, atol=1e-6, rtol=1e-5)
-    with pytest.raises(ValueError, match="timesteps"):
-        sched.alpha_sigma(torch.tensor([1000]), torch.zeros(1, 2))

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from diffalign.core.denoisers import NoiseSchedule
 from diffalign.core.testing import tiny_sd_pipeline
 from diffalign.mlcm.distill import student_sample
-from diffalign.mlcm.schedule import NoiseSchedule
 from diffalign.mlcm.scheduler import MLCMScheduler
 
 

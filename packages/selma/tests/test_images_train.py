@@ -200,7 +200,7 @@ def test_resume_matches_uninterrupted(sd_images, tmp_path, monkeypatch):
     )
 
     calls = {"n": 0}
-    real = T.encode_text
+    real = T.denoise
 
     def dying(*args, **kwargs):
         calls["n"] += 1
@@ -208,7 +208,7 @@ def test_resume_matches_uninterrupted(sd_images, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(T, "encode_text", dying)
+    monkeypatch.setattr(T, "denoise", dying)
     with pytest.raises(KeyboardInterrupt):
         train_lora(
             tiny_sd_pipeline(),
@@ -218,7 +218,7 @@ def test_resume_matches_uninterrupted(sd_images, tmp_path, monkeypatch):
             seed=0,
             log=lambda *_: None,
         )
-    monkeypatch.setattr(T, "encode_text", real)
+    monkeypatch.setattr(T, "denoise", real)
     resumed = load_adapter(
         train_lora(
             tiny_sd_pipeline(),
@@ -249,7 +249,7 @@ def test_resume_matches_uninterrupted(sd_images, tmp_path, monkeypatch):
 @pytest.mark.parametrize("factory", ["tiny_sdxl_pipeline", "tiny_pixart_pipeline"])
 def test_architecture_coverage_train_step_and_sampling(factory, sd_images, tmp_path):
     import diffalign.core.testing as testing
-    from diffalign.selma.lora import load_into_pipeline
+    from diffalign.core.lora import load_lora
 
     pipe = getattr(testing, factory)()
     recs = I.read_imagefolder(sd_images)
@@ -269,7 +269,7 @@ def test_architecture_coverage_train_step_and_sampling(factory, sd_images, tmp_p
     base = fresh(
         prompt=["a red circle"], generator=[torch.Generator().manual_seed(0)], output_type="pt", **kw
     ).images
-    load_into_pipeline(fresh, out, adapter_name="e")
+    load_lora(fresh, out, adapter_name="e")
     img = fresh(
         prompt=["a red circle"], generator=[torch.Generator().manual_seed(0)], output_type="pt", **kw
     ).images

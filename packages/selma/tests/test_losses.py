@@ -1,14 +1,24 @@
 import pytest
 import torch
 
-from diffalign.selma.losses import diffusion_loss, diffusion_target, noisy_latents
+from diffalign.core.denoisers import NoiseSchedule, prediction_target
+from diffalign.selma.losses import diffusion_loss
+
+
+def noisy_latents(x0, noise, alphas_cumprod, t):
+    return NoiseSchedule(alphas_cumprod).add_noise(x0, noise, t)
+
+
+def diffusion_target(x0, noise, alphas_cumprod, t, prediction_type):
+    alpha, sigma = NoiseSchedule(alphas_cumprod).alpha_sigma(t, x0)
+    return prediction_target(x0, noise, alpha, sigma, prediction_type)
 
 
 def _setup(n=200_000, sigma=0.7, abar_value=0.4):
     g = torch.Generator().manual_seed(0)
     x0 = sigma * torch.randn(n, 1, generator=g)
     noise = torch.randn(n, 1, generator=g)
-    abar = torch.tensor([abar_value])
+    abar = torch.tensor([abar_value, 0.1])
     t = torch.zeros(n, dtype=torch.long)
     return x0, noise, abar, t, sigma, abar_value
 
@@ -60,7 +70,7 @@ def test_loss_of_bayes_optimal_predictor_equals_analytic_variance(kind):
 def test_bad_inputs():
     with pytest.raises(ValueError, match="prediction_type"):
         diffusion_target(
-            torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(2), torch.zeros(1, dtype=torch.long), "flow"
+            torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(2), torch.zeros(1, dtype=torch.long), "score"
         )
     with pytest.raises(ValueError, match="shape"):
         diffusion_loss(torch.zeros(2, 3), torch.zeros(3, 2))

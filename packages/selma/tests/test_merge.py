@@ -168,10 +168,10 @@ def _unet_out(pipe):
 
 
 def _tiny_experts(pipe, tmp_path, ranks=(2, 2), alphas=(2.0, 4.0)):
-    from diffalign.selma.lora import DEFAULT_TARGETS
+    from diffalign.core.lora import default_targets
 
     paths = []
-    modules = [n for n, _ in pipe.unet.named_modules() if n.endswith(DEFAULT_TARGETS)]
+    modules = [n for n, _ in pipe.unet.named_modules() if n.endswith(tuple(default_targets("sd")))]
     for i, (r, al) in enumerate(zip(ranks, alphas)):
         g = torch.Generator().manual_seed(100 + i)
         layers = {}

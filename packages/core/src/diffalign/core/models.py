@@ -27,6 +27,9 @@ __all__ = [
     "load_vae",
     "load_vlm",
     "SHAPES_IDS",
+    "FAMILIES",
+    "detect_family",
+    "network_of",
 ]
 
 SHAPES_IDS = ("shapes/unet", "shapes/dit")
@@ -43,13 +46,21 @@ class ArchitectureSpec:
     prediction_type: str
     kind: str = "t2i"  # "t2i" or "vlm"
     native_resolution: int = 512
+    family: str = ""  # the denoiser family (``diffalign.core.denoisers``); "" for non-diffusion models
+
+    def __post_init__(self) -> None:
+        if self.kind == "t2i" and self.family not in FAMILIES:
+            raise ValueError(f"architecture {self.name}: family {self.family!r} is not one of {FAMILIES}")
+
+
+FAMILIES = ("sd", "sdxl", "pixart", "flux")
 
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
     spec.name: spec
     for spec in (
         ArchitectureSpec(
-            "sd14", "StableDiffusionPipeline", "unet", "CompVis/stable-diffusion-v1-4", "epsilon"
+            "sd14", "StableDiffusionPipeline", "unet", "CompVis/stable-diffusion-v1-4", "epsilon", family="sd"
         ),
         ArchitectureSpec(
             "sd15",
@@ -57,6 +68,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
             "unet",
             "stable-diffusion-v1-5/stable-diffusion-v1-5",
             "epsilon",
+            family="sd",
         ),
         ArchitectureSpec(
             "sd2",
@@ -65,6 +77,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
             "stabilityai/stable-diffusion-2-1",
             "v_prediction",
             native_resolution=768,
+            family="sd",
         ),
         ArchitectureSpec(
             "sdxl",
@@ -73,6 +86,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
             "stabilityai/stable-diffusion-xl-base-1.0",
             "epsilon",
             native_resolution=1024,
+            family="sdxl",
         ),
         ArchitectureSpec(
             "pixart-alpha",
@@ -81,6 +95,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
             "PixArt-alpha/PixArt-XL-2-1024-MS",
             "epsilon",
             native_resolution=1024,
+            family="pixart",
         ),
         ArchitectureSpec(
             "pixart-sigma",
@@ -89,6 +104,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
             "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
             "epsilon",
             native_resolution=1024,
+            family="pixart",
         ),
         ArchitectureSpec(
             "flux",
@@ -97,6 +113,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
             "black-forest-labs/FLUX.1-dev",
             "flow",
             native_resolution=1024,
+            family="flux",
         ),
         ArchitectureSpec(
             "shapes-unet",
@@ -105,6 +122,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
             "shapes/unet",
             "v_prediction",
             native_resolution=32,
+            family="sd",
         ),
         ArchitectureSpec(
             "shapes-dit",
@@ -113,6 +131,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
             "shapes/dit",
             "v_prediction",
             native_resolution=32,
+            family="pixart",
         ),
         ArchitectureSpec(
             "qwen2.5-vl",
@@ -280,3 +299,33 @@ def load_vlm(
     if device is not None:
         model = model.to(device)
     return model, processor
+
+
+def detect_family(pipe_or_model: Any) -> str:
+    """The denoiser family (one of ``FAMILIES``) of a pipeline or of its UNet / transformer.
+
+    The one place families are told apart; it reads the network's config, never class names:
+    a UNet with ``text_time`` added conditions is SDXL, any other UNet SD 1.x/2.x; a transformer with
+    ``caption_channels`` is PixArt, one with ``joint_attention_dim`` and ``pooled_projection_dim`` FLUX.
+    """
+    model = network_of(pipe_or_model)
+    config = getattr(model, "config", None)
+    keys = set(config.keys()) if hasattr(config, "keys") else set()
+    if "addition_embed_type" in keys and "cross_attention_dim" in keys:
+        return "sdxl" if config.get("addition_embed_type") == "text_time" else "sd"
+    if "caption_channels" in keys:
+        return "pixart"
+    if {"joint_attention_dim", "pooled_projection_dim", "guidance_embeds"} <= keys:
+        return "flux"
+    raise ValueError(
+        f"{type(pipe_or_model).__name__} (network {type(model).__name__}) is not a supported text-to-image "
+        f"family; supported: SD 1.x/2.x and SDXL UNets, PixArt and FLUX transformers"
+    )
+
+
+def network_of(pipe_or_model: Any) -> Any:
+    """A pipeline's denoising network (its ``unet``, else its ``transformer``); a network is returned as is."""
+    for attr in ("unet", "transformer"):
+        if getattr(pipe_or_model, attr, None) is not None:
+            return getattr(pipe_or_model, attr)
+    return pipe_or_model

@@ -50,7 +50,9 @@ class ModelConfig(Config):
 class LoraConfig(Config):
     rank: int = Field(8, ge=1)
     alpha: float = Field(8.0, gt=0)
-    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    target_modules: list[str] | None = Field(
+        None, description="LoRA target modules; null = core's attention projections for the family."
+    )
 
 
 class OptimizerConfig(Config):

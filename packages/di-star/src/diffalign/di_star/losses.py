@@ -29,6 +29,8 @@ from typing import Literal
 
 import torch
 
+from diffalign.core.denoisers import prediction_target
+
 Distance = Literal["pseudo_huber", "l2"]
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 Weighting = Literal["constant", "sigma", "sigma_sq"]
@@ -38,8 +40,6 @@ __all__ = [
     "PredictionType",
     "Weighting",
     "expand_like",
-    "to_epsilon",
-    "to_x0",
     "classifier_free_guidance",
     "distance_value",
     "distance_gradient",
@@ -74,47 +74,6 @@ def _flat_sq_norm(a: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------
 # parameterisation conversions
 # ---------------------------------------------------------------------------------------------------------
-
-
-def to_epsilon(
-    model_output: torch.Tensor,
-    x_t: torch.Tensor,
-    alpha: torch.Tensor,
-    sigma: torch.Tensor,
-    prediction_type: PredictionType,
-) -> torch.Tensor:
-    """Convert a network output to an epsilon prediction (differentiable in all tensor arguments).
-
-    ``alpha`` and ``sigma`` are per-sample [B] (or scalars) with alpha^2 + sigma^2 = 1.
-    """
-    a, s = expand_like(alpha, x_t), expand_like(sigma, x_t)
-    if prediction_type == "epsilon":
-        return model_output
-    if prediction_type == "v_prediction":
-        # v = a*eps - s*x0  and  x_t = a*x0 + s*eps  =>  eps = a*v + s*x_t
-        return a * model_output + s * x_t
-    if prediction_type == "sample":
-        return (x_t - a * model_output) / s
-    raise ValueError(f"unknown prediction_type {prediction_type!r}; expected epsilon, v_prediction or sample")
-
-
-def to_x0(
-    model_output: torch.Tensor,
-    x_t: torch.Tensor,
-    alpha: torch.Tensor,
-    sigma: torch.Tensor,
-    prediction_type: PredictionType,
-) -> torch.Tensor:
-    """Convert a network output to a clean-sample (x0) prediction."""
-    a, s = expand_like(alpha, x_t), expand_like(sigma, x_t)
-    if prediction_type == "epsilon":
-        return (x_t - s * model_output) / a
-    if prediction_type == "v_prediction":
-        # x0 = a*x_t - s*v
-        return a * x_t - s * model_output
-    if prediction_type == "sample":
-        return model_output
-    raise ValueError(f"unknown prediction_type {prediction_type!r}; expected epsilon, v_prediction or sample")
 
 
 def classifier_free_guidance(
@@ -279,15 +238,9 @@ def fake_score_dsm_loss(
     The target follows the network's own parameterisation: eps (epsilon), a*eps - s*x0 (v_prediction) or
     x0 (sample). x0 must come from the generator *detached*; the caller is responsible for that.
     """
-    a, s = expand_like(alpha, x0), expand_like(sigma, x0)
-    if prediction_type == "epsilon":
-        target = noise
-    elif prediction_type == "v_prediction":
-        target = a * noise - s * x0
-    elif prediction_type == "sample":
-        target = x0
-    else:
-        raise ValueError(f"unknown prediction_type {prediction_type!r}")
+    if prediction_type not in ("epsilon", "v_prediction", "sample"):
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; DI* trains DDPM-family networks")
+    target = prediction_target(x0, noise, expand_like(alpha, x0), expand_like(sigma, x0), prediction_type)
     return (model_output - target).flatten(1).pow(2).mean(dim=1)
 
 

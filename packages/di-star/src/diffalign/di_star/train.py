@@ -23,22 +23,44 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import losses as L
-from .config import DiStarConfig, LoraConfig, OptimizerConfig
-from .inference import to_one_step_pipeline, write_metadata
-from .modeling import (
-    Conditioning,
-    NoiseSchedule,
-    check_pipeline,
-    decode_latents,
-    encode_prompts,
-    generate_x0,
-    latent_shape,
-    predict_epsilon,
-    unet_output,
-)
+from diffalign.core.denoisers import Denoiser, cat_conditioning, denoiser_for
+from diffalign.core.lora import add_lora, default_targets, make_lora_config
 
-__all__ = ["DiStarTrainer", "load_prompts", "train", "export_generator"]
+from . import losses as L
+from .config import DiStarConfig, OptimizerConfig
+from .inference import to_one_step_pipeline, write_metadata
+
+__all__ = ["DiStarTrainer", "load_prompts", "train", "export_generator", "generate_x0", "predict_epsilon"]
+
+FAMILIES = ("sd", "sdxl")  # DI* trains UNet latent-diffusion pipelines
+
+
+def unet_denoiser(pipe: Any, resolution: int | None = None) -> Denoiser:
+    """Core's denoiser of ``pipe``; refuses families DI* does not train."""
+    den = denoiser_for(pipe, resolution)
+    if den.family not in FAMILIES:
+        raise ValueError(
+            f"DI* trains UNet latent-diffusion pipelines (Stable Diffusion 1.x/2.x, SDXL); got "
+            f"{type(pipe).__name__}, a {den.family} pipeline. Use a StableDiffusion / StableDiffusionXL model."
+        )
+    return den
+
+
+def generate_x0(
+    den: Denoiser, generator_unet: Any, noise: torch.Tensor, cond: dict, t_star: int
+) -> torch.Tensor:
+    """g_theta(z, c): one network evaluation on pure noise z at t*, converted to a clean latent (this is
+    what LCMScheduler with one step, ``timesteps=[t*]`` and guidance 0 computes)."""
+    timesteps = torch.full((noise.shape[0],), int(t_star), device=noise.device, dtype=torch.long)
+    return den.predict_x0_eps(generator_unet, noise, timesteps, cond)[0]
+
+
+def predict_epsilon(
+    den: Denoiser, unet: Any, x_t: torch.Tensor, timesteps: torch.Tensor, cond: dict
+) -> torch.Tensor:
+    """eps_hat(x_t, t, c) from a UNet of the teacher's prediction type (differentiable w.r.t. x_t)."""
+    return den.predict_x0_eps(unet, x_t, timesteps, cond)[1]
+
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -60,20 +82,6 @@ def load_prompts(cfg: DiStarConfig) -> list[str]:
     if not prompts:
         raise ValueError(f"data.prompts: {path} contains no prompts")
     return prompts
-
-
-def _add_lora(unet: torch.nn.Module, lora: LoraConfig) -> None:
-    from peft import LoraConfig as PeftLoraConfig
-
-    unet.requires_grad_(False)
-    unet.add_adapter(
-        PeftLoraConfig(
-            r=lora.rank,
-            lora_alpha=lora.alpha,
-            target_modules=list(lora.target_modules),
-            init_lora_weights=True,
-        )
-    )
 
 
 def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -113,7 +121,7 @@ class DiStarTrainer:
         generator_unet: torch.nn.Module | None = None,
         fake_unet: torch.nn.Module | None = None,
     ):
-        check_pipeline(pipe)
+        self.den = unet_denoiser(pipe, cfg.model.resolution)
         self.cfg = cfg
         self.pipe = pipe
         self.prompts = list(prompts)
@@ -121,7 +129,7 @@ class DiStarTrainer:
             raise ValueError("DI* training needs at least one prompt")
         self.accelerator = accelerator
         self.device = accelerator.device if accelerator is not None else pipe.unet.device
-        self.schedule = NoiseSchedule(pipe.scheduler)
+        self.schedule = self.den.schedule
         n_train = self.schedule.num_train_timesteps
         for name, (_low, high) in (
             ("loss.timestep_range", cfg.loss.timestep_range),
@@ -131,8 +139,8 @@ class DiStarTrainer:
                 raise ValueError(f"{name} upper end {high} must be < the teacher's {n_train} train timesteps")
         if cfg.generator.t_star >= n_train:
             raise ValueError(f"generator.t_star={cfg.generator.t_star} must be < {n_train}")
-        self.prediction_type = self.schedule.prediction_type
-        self.latent_shape = latent_shape(pipe, cfg.model.resolution)
+        self.prediction_type = self.den.prediction_type
+        self.latent_shape = self.den.latent_shape(1)[1:]
 
         if cfg.loss.alpha_rew > 0:
             if reward is None:
@@ -171,7 +179,9 @@ class DiStarTrainer:
         for net, section in ((self.generator, cfg.generator), (self.fake, cfg.fake_score)):
             net.requires_grad_(True)
             if section.lora is not None:
-                _add_lora(net, section.lora)
+                lora = section.lora
+                targets = lora.target_modules or default_targets(self.den.family)
+                add_lora(net, make_lora_config(lora.rank, lora.alpha, targets, init=True))
             net.train()
         self.generator_params = _trainable(self.generator)
         self.fake_params = _trainable(self.fake)
@@ -181,20 +191,21 @@ class DiStarTrainer:
             self.generator, self.fake, self.opt_generator, self.opt_fake = accelerator.prepare(
                 self.generator, self.fake, self.opt_generator, self.opt_fake
             )
-        self._cond_cache: dict[tuple[str, ...], tuple[Conditioning, Conditioning]] = {}
+        self._cond_cache: dict[tuple[str, ...], Any] = {}
 
     # ------------------------------------------------------------------------------------------ helpers
     def _unwrap(self, module):
         return self.accelerator.unwrap_model(module) if self.accelerator is not None else module
 
-    def _conditions(self, prompts: list[str]) -> tuple[Conditioning, Conditioning]:
+    def _conditions(self, prompts: list[str]) -> tuple[dict, dict]:
+        """Network kwargs of the prompts and of the pipeline's own empty-prompt (unconditional) encoding."""
         key = tuple(prompts)
         if key not in self._cond_cache:
             if len(self._cond_cache) > 256:
                 self._cond_cache.clear()
-            self._cond_cache[key] = encode_prompts(self.pipe, prompts, self.cfg.model.resolution)
-        cond, uncond = self._cond_cache[key]
-        return cond.to(self.device, torch.float32), uncond.to(self.device, torch.float32)
+            self._cond_cache[key] = self.den.encode(prompts)
+        both = self._cond_cache[key].to(self.device, torch.float32)
+        return both.cond, both.uncond
 
     def randomness(self, step: int, phase: str, round_index: int, t_range: tuple[int, int]) -> StepRandomness:
         seed = (
@@ -233,17 +244,10 @@ class DiStarTrainer:
         rnd = self.randomness(step, "fake", round_index, self.cfg.fake_score.timestep_range)
         cond, _ = self._conditions(rnd.prompts)
         with torch.no_grad():
-            x0 = generate_x0(
-                self.generator,
-                rnd.noise,
-                cond,
-                self.schedule,
-                self.cfg.generator.t_star,
-                self.prediction_type,
-            )
+            x0 = generate_x0(self.den, self.generator, rnd.noise, cond, self.cfg.generator.t_star)
         alpha, sigma = self.schedule.alpha_sigma(rnd.timesteps)
         x_t = L.expand_like(alpha, x0) * x0 + L.expand_like(sigma, x0) * rnd.eps
-        out = unet_output(self.fake, x_t, rnd.timesteps, cond)
+        out = self.den.forward(self.fake, x_t, rnd.timesteps, cond)
         loss = L.fake_score_dsm_loss(out, x0, rnd.eps, alpha, sigma, self.prediction_type).mean()
         from diffalign.core.training import check_finite
 
@@ -259,14 +263,12 @@ class DiStarTrainer:
         """Per-term generator losses (means over the batch) with the graph to theta."""
         cfg = self.cfg.loss
         cond, uncond = self._conditions(rnd.prompts)
-        x0 = generate_x0(
-            self.generator, rnd.noise, cond, self.schedule, self.cfg.generator.t_star, self.prediction_type
-        )
+        x0 = generate_x0(self.den, self.generator, rnd.noise, cond, self.cfg.generator.t_star)
         terms: dict[str, torch.Tensor] = {}
         zero = x0.sum() * 0.0
         if cfg.alpha_rew > 0:
             # clamp to the displayed range, as the pipeline's own post-processing does
-            images = decode_latents(self.pipe.vae, x0.to(self.pipe.vae.dtype)).float().clamp(-1.0, 1.0)
+            images = self.den.decode(x0, clamp=True).float()
             if self.cfg.reward.resize is not None:
                 images = F.interpolate(
                     images, size=self.cfg.reward.resize, mode="bilinear", align_corners=False
@@ -286,39 +288,24 @@ class DiStarTrainer:
         for p in self.fake_params:
             p.requires_grad_(False)
         try:
-            eps_fake = predict_epsilon(fake, x_t, rnd.timesteps, cond, self.schedule, self.prediction_type)
+            eps_fake = predict_epsilon(self.den, fake, x_t, rnd.timesteps, cond)
         finally:
             for p in self.fake_params:
                 p.requires_grad_(True)
         ref_dtype = next(self.reference.parameters()).dtype
         need_uncond = cfg.cfg_scale != 1.0
         if need_uncond:
-            both = Conditioning(
-                torch.cat([cond.encoder_hidden_states, uncond.encoder_hidden_states]),
-                None
-                if cond.added_cond_kwargs is None
-                else {
-                    k: torch.cat([cond.added_cond_kwargs[k], uncond.added_cond_kwargs[k]])
-                    for k in cond.added_cond_kwargs
-                },
-            ).to(self.device, ref_dtype)
             eps_both = predict_epsilon(
+                self.den,
                 self.reference,
                 torch.cat([x_t, x_t]).to(ref_dtype),
                 torch.cat([rnd.timesteps] * 2),
-                both,
-                self.schedule,
-                self.prediction_type,
+                cat_conditioning(cond, uncond),
             ).float()
             eps_cond, eps_uncond = eps_both.chunk(2)
         else:
             eps_cond = predict_epsilon(
-                self.reference,
-                x_t.to(ref_dtype),
-                rnd.timesteps,
-                cond.to(self.device, ref_dtype),
-                self.schedule,
-                self.prediction_type,
+                self.den, self.reference, x_t.to(ref_dtype), rnd.timesteps, cond
             ).float()
             eps_uncond = eps_cond
         weight = L.timestep_weight(alpha, sigma, cfg.weighting)
@@ -437,7 +424,7 @@ def _load_models(cfg: DiStarConfig, device) -> tuple[Any, torch.nn.Module | None
     from diffalign.core.models import load_pipeline, load_unet
 
     pipe = load_pipeline(cfg.model.teacher, dtype=DTYPES[cfg.model.dtype], device=device)
-    check_pipeline(pipe)
+    unet_denoiser(pipe)
     gen = load_unet(cfg.model.generator_init, dtype=torch.float32) if cfg.model.generator_init else None
     fake = load_unet(cfg.model.fake_init, dtype=torch.float32) if cfg.model.fake_init else None
     for what, net in (("generator_init", gen), ("fake_init", fake)):

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
+from diffalign.core.denoisers import NoiseSchedule, to_x0_eps
+
 from .losses import consistency_loss
-from .schedule import NoiseSchedule, ddim_jump, segment_map, to_x0_eps
+from .schedule import ddim_jump, segment_map
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

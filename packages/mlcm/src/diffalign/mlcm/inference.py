@@ -10,41 +10,6 @@ import torch
 from .scheduler import MLCMScheduler
 
 STUDENT_FILE = "mlcm_student.json"
-ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"
-
-
-def save_peft_adapter(out_dir: str | Path, state_dict: dict, config) -> None:
-    """LoRA for models without diffusers' PEFT mixin (PixArt): safetensors weights + adapter_config.json."""
-    from safetensors.torch import save_file
-
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
-        str(Path(out_dir) / ADAPTER_WEIGHTS),
-    )
-    config.save_pretrained(str(out_dir))
-
-
-def load_peft_adapter(model, adapter_dir: str | Path) -> None:
-    """Inverse of ``save_peft_adapter``: inject the LoRA layers and load their weights (strictly)."""
-    from peft import LoraConfig, inject_adapter_in_model
-    from safetensors.torch import load_file
-
-    config = LoraConfig.from_pretrained(str(adapter_dir))
-    inject_adapter_in_model(config, model, adapter_name="default")
-    model.peft_config = {"default": config}
-    weights = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
-    renamed = {
-        k.replace(".lora_A.weight", ".lora_A.default.weight").replace(
-            ".lora_B.weight", ".lora_B.default.weight"
-        ): v
-        for k, v in weights.items()
-    }
-    result = model.load_state_dict(renamed, strict=False)
-    if result.unexpected_keys:
-        raise ValueError(
-            f"adapter in {adapter_dir} does not fit this model: {result.unexpected_keys[:3]} ..."
-        )
-    model.requires_grad_(False)
 
 
 def read_student_meta(student_dir: str | Path) -> dict:
@@ -59,12 +24,9 @@ def apply_student(pipe, student_dir: str | Path, sampler: str = "renoise"):
     student_dir = Path(student_dir)
     meta = read_student_meta(student_dir)
     if meta["mode"] == "lora":
-        if hasattr(pipe, "load_lora_weights"):
-            pipe.load_lora_weights(student_dir)
-        elif getattr(pipe, "transformer", None) is not None:
-            load_peft_adapter(pipe.transformer, student_dir)
-        else:
-            raise ValueError(f"cannot load a LoRA student into {type(pipe).__name__}")
+        from diffalign.core.lora import load_lora
+
+        load_lora(pipe, student_dir)
     else:
         if (student_dir / "unet").is_dir():
             pipe.unet = type(pipe.unet).from_pretrained(student_dir / "unet").to(pipe.device, pipe.unet.dtype)
@@ -90,9 +52,9 @@ def load_student(
 
 def pipeline_kwargs(pipe) -> dict:
     """Extra call arguments some pipelines need at small, non-standard resolutions."""
-    from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline
+    from diffalign.core.models import detect_family
 
-    if isinstance(pipe, (PixArtAlphaPipeline, PixArtSigmaPipeline)):
+    if detect_family(pipe) == "pixart":
         return {"use_resolution_binning": False, "clean_caption": False}
     return {}
 

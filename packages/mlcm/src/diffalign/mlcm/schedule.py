@@ -1,4 +1,4 @@
-"""Milestone grid, DDPM noise schedule and DDIM segment maps.
+"""Milestone grid and DDIM segment maps (the noise schedule and prediction types are core's).
 
 Notation follows the paper (arXiv 2406.05768 v6, Sec. 4.1): a latent at integer timestep ``t`` is
 ``z_t = alpha_t * x0 + sigma_t * eps`` with ``alpha_t = sqrt(alphas_cumprod[t])`` and
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+from diffalign.core.denoisers import NoiseSchedule, to_x0_eps
 
 # Official TLCM inference timesteps on the 8-segment grid [999, 874, ..., 124, 0] (indices into the grid).
 OFFICIAL_STEP_INDICES: dict[int, list[int]] = {
@@ -79,70 +79,6 @@ def segment_boundary(t: torch.Tensor, milestones: Sequence[int]) -> torch.Tensor
     """Lower boundary ``milestones[s+1]`` of the segment containing each ``t``."""
     m = torch.as_tensor(list(milestones), device=t.device, dtype=torch.long)
     return m[segment_index(t, milestones) + 1]
-
-
-class NoiseSchedule:
-    """Discrete DDPM schedule: ``alpha_t = sqrt(abar_t)``, ``sigma_t = sqrt(1 - abar_t)``."""
-
-    def __init__(self, alphas_cumprod: torch.Tensor):
-        alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
-        if alphas_cumprod.ndim != 1 or len(alphas_cumprod) < 2:
-            raise ValueError("alphas_cumprod must be a 1-D tensor with at least two entries")
-        self.alphas_cumprod = alphas_cumprod
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return len(self.alphas_cumprod)
-
-    @classmethod
-    def from_scheduler(cls, scheduler) -> NoiseSchedule:
-        """Take ``alphas_cumprod`` from any diffusers DDPM-family scheduler (DDPM, DDIM, LCM, PNDM, ...)."""
-        if not hasattr(scheduler, "alphas_cumprod"):
-            raise ValueError(
-                f"{type(scheduler).__name__} has no alphas_cumprod; MLCM needs a discrete DDPM-family "
-                "scheduler (DDPM/DDIM/LCM/PNDM/Euler configs all work via from_config)"
-            )
-        return cls(scheduler.alphas_cumprod)
-
-    @classmethod
-    def scaled_linear(
-        cls, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
-    ) -> NoiseSchedule:
-        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
-        return cls(torch.cumprod(1.0 - betas, 0))
-
-    def alpha_sigma(self, t, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(alpha_t, sigma_t)`` for integer timesteps ``t`` (scalar or [B]), shaped to broadcast with ``like``."""
-        t = torch.as_tensor(t, device=self.alphas_cumprod.device).long()
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_train_timesteps):
-            raise ValueError(f"timesteps must lie in [0, {self.num_train_timesteps - 1}], got {t.tolist()}")
-        abar = self.alphas_cumprod[t.cpu()]
-        shape = (-1,) + (1,) * (like.ndim - 1) if abar.ndim == 1 else ()
-        abar = abar.reshape(shape) if shape else abar
-        abar = abar.to(device=like.device, dtype=like.dtype)
-        return abar.sqrt(), (1.0 - abar).sqrt()
-
-
-def to_x0_eps(
-    model_output: torch.Tensor,
-    z: torch.Tensor,
-    alpha: torch.Tensor,
-    sigma: torch.Tensor,
-    prediction_type: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Convert a model output of any diffusers prediction type into ``(x0, eps)`` at ``z = alpha x0 + sigma eps``."""
-    if prediction_type == "epsilon":
-        eps = model_output
-        x0 = (z - sigma * eps) / alpha
-    elif prediction_type == "v_prediction":
-        x0 = alpha * z - sigma * model_output
-        eps = sigma * z + alpha * model_output
-    elif prediction_type == "sample":
-        x0 = model_output
-        eps = (z - alpha * x0) / sigma
-    else:
-        raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
-    return x0, eps
 
 
 def ddim_jump(

@@ -25,7 +25,11 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .schedule import PREDICTION_TYPES, milestone_grid, sampling_timesteps, to_x0_eps
+from diffalign.core.denoisers import to_x0_eps
+
+from .schedule import milestone_grid, sampling_timesteps
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # the DDPM-family types
 
 SAMPLERS = ("renoise", "deterministic")
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from diffalign.core.denoisers import NoiseSchedule
+
 from .distill import (
     draw_segment_pairs,
     inter_segment_loss,
@@ -23,7 +25,7 @@ from .distill import (
     student_sample,
     teacher_states,
 )
-from .schedule import NoiseSchedule, milestone_grid, sampling_timesteps, segment_map
+from .schedule import milestone_grid, sampling_timesteps, segment_map
 
 NULL_CLASS = 2
 

@@ -19,8 +19,10 @@ from pathlib import Path
 import torch
 
 from diffalign.core.config import save_config
+from diffalign.core.denoisers import adapters_disabled, denoiser_for
 from diffalign.core.factory import load_factory
 from diffalign.core.launch import make_accelerator
+from diffalign.core.lora import add_lora, default_targets, make_lora_config, save_lora
 from diffalign.core.training import (
     EMA,
     CheckpointManager,
@@ -33,7 +35,6 @@ from diffalign.core.training import (
 )
 
 from .config import MLCMRecipe
-from .denoiser import ARCH_PIXART, DEFAULT_LORA_TARGETS, PipelineDenoiser, adapters_disabled
 from .distill import (
     draw_segment_pairs,
     inter_segment_loss,
@@ -47,7 +48,9 @@ from .schedule import milestone_grid, sampling_timesteps
 from .scheduler import MLCMScheduler
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-from .inference import STUDENT_FILE, save_peft_adapter  # noqa: E402,F401
+from .inference import STUDENT_FILE  # noqa: E402
+
+FAMILIES = ("sd", "sdxl", "pixart")  # DDPM-family pipelines (the milestone grid is on integer timesteps)
 
 
 @dataclass
@@ -118,28 +121,6 @@ def load_hook(spec: str | None):
     return load_factory(spec, "distill.perceptual")()
 
 
-def add_lora(
-    model: torch.nn.Module, arch: str, rank: int, alpha: float | None, targets: list[str] | None
-) -> None:
-    """Add a zero-initialised-B LoRA; models without diffusers' PEFT mixin (PixArt) get peft's injection."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    model.requires_grad_(False)
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha or rank,
-        init_lora_weights="gaussian",
-        target_modules=targets or DEFAULT_LORA_TARGETS[arch],
-    )
-    if hasattr(model, "add_adapter"):
-        model.add_adapter(config)
-    else:
-        inject_adapter_in_model(config, model, adapter_name="default")
-        model.peft_config = {"default": config}
-    for name, param in model.named_parameters():
-        param.requires_grad_("lora_" in name)
-
-
 class Distiller:
     """Holds the teacher, student and denoiser adapter; computes the loss of one iteration."""
 
@@ -150,19 +131,20 @@ class Distiller:
             module = getattr(pipe, name, None)
             if module is not None:
                 module.requires_grad_(False)
-        self.den = PipelineDenoiser(pipe, cfg.model.resolution, cfg.model.max_sequence_length)
+        self.den = denoiser_for(pipe, cfg.model.resolution, cfg.model.max_sequence_length)
+        if self.den.family not in FAMILIES:
+            raise ValueError(
+                f"MLCM distils DDPM-family pipelines ({', '.join(FAMILIES)}); got a {self.den.family} pipeline"
+            )
         self.model = self.den.model
         self.lora = cfg.student.mode == "lora"
         self.target_model = None
         self.target_ema = None
         if self.lora:
-            add_lora(
-                self.model,
-                self.den.arch,
-                cfg.student.lora_rank,
-                cfg.student.lora_alpha,
-                cfg.student.lora_targets,
-            )
+            # zero-initialised B (gaussian A): the student starts as the teacher
+            targets = cfg.student.lora_targets or default_targets(self.den.family, "full")
+            config = make_lora_config(cfg.student.lora_rank, cfg.student.lora_alpha, targets, "gaussian")
+            add_lora(self.model, config)
             self.teacher_model = self.model
         else:
             self.teacher_model = copy.deepcopy(self.model).requires_grad_(False).eval()
@@ -289,30 +271,19 @@ def resolve_reward(cfg: MLCMRecipe):
 
 
 def export_student(distiller: Distiller, out_dir: Path, source: str) -> Path:
-    """Write the student: LoRA via ``save_lora_weights`` (SD/SDXL, read by ``load_lora_weights``) or a peft
-    adapter folder (PixArt, see ``inference.load_peft_adapter``); a full student as a ``from_pretrained``
-    folder. The MLCM scheduler config goes to ``out_dir/scheduler``."""
+    """Write the student: a LoRA in diffusers' layout (``pipe.load_lora_weights`` reads it; PixArt through
+    ``diffalign.core.lora.load_lora``) or a full student as a ``from_pretrained`` folder. The MLCM
+    scheduler config goes to ``out_dir/scheduler``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, den = distiller.model, distiller.den
     if distiller.lora:
-        from peft.utils import get_peft_model_state_dict
-
-        layers = get_peft_model_state_dict(model)  # PEFT key format; load_lora_weights reads it exactly
-        if den.arch == ARCH_PIXART:
-            save_peft_adapter(out_dir, layers, model.peft_config["default"])
-        else:
-            type(distiller.pipe).save_lora_weights(
-                out_dir,
-                unet_lora_layers=layers,
-                unet_lora_adapter_metadata=model.peft_config["default"].to_dict(),
-            )
+        save_lora(out_dir, model, den.family)
     else:
-        sub = "transformer" if den.arch == ARCH_PIXART else "unet"
-        model.save_pretrained(out_dir / sub, safe_serialization=True)
+        model.save_pretrained(out_dir / den.component, safe_serialization=True)
     sched = MLCMScheduler.from_config(distiller.pipe.scheduler.config, num_segments=8, sampler="renoise")
     sched.save_pretrained(out_dir / "scheduler")
-    meta = {"base": source, "mode": distiller.cfg.student.mode, "architecture": den.arch}
+    meta = {"base": source, "mode": distiller.cfg.student.mode, "architecture": den.family}
     (out_dir / STUDENT_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return out_dir
 

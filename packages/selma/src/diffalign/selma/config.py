@@ -98,7 +98,7 @@ class ImagesConfig(Config):
 class TrainConfig(Config):
     rank: int = Field(128, ge=1)
     alpha: float = Field(128.0, gt=0)
-    targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    targets: list[str] | None = None  # LoRA target modules; None: core's attention projections for the family
     init: Literal["gaussian", "default", "pissa", "olora"] = "gaussian"
     lr: float = Field(3e-4, gt=0)
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"

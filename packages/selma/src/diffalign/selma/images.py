@@ -42,10 +42,10 @@ def pipeline_call_kwargs(
         kwargs["height"] = height
     if width is not None:
         kwargs["width"] = width
-    transformer = getattr(pipe, "transformer", None)
-    if "PixArt" in type(pipe).__name__ and transformer is not None:
-        if transformer.config.sample_size not in (32, 64, 128):
-            kwargs.setdefault("use_resolution_binning", False)
+    from diffalign.core.models import detect_family, network_of
+
+    if detect_family(pipe) == "pixart" and network_of(pipe).config.sample_size not in (32, 64, 128):
+        kwargs.setdefault("use_resolution_binning", False)
     return kwargs
 
 

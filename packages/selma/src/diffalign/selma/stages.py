@@ -20,9 +20,11 @@ from pathlib import Path
 
 import torch
 
+from diffalign.core.lora import load_lora
+from diffalign.core.models import network_of
 from diffalign.selma.config import SHAPES_SKILLS, SelmaConfig, SkillConfig
 from diffalign.selma.images import generate_images, pipeline_call_kwargs, read_imagefolder
-from diffalign.selma.lora import get_denoiser, load_adapter, load_into_pipeline
+from diffalign.selma.lora import load_adapter
 from diffalign.selma.merge import fuse_deltas, merge_adapters
 from diffalign.selma.prompts import (
     HFBackend,
@@ -288,7 +290,7 @@ def stage_merge(cfg: SelmaConfig, method: str | None = None, log: Callable = pri
             log(f"[selma] {report['lora']['skipped']}")
     if cfg.merge.export in ("fused", "both"):
         pipe = load_model(cfg.model, cfg.dtype, cfg.device)
-        fuse_deltas(get_denoiser(pipe), res.deltas)
+        fuse_deltas(network_of(pipe), res.deltas)
         target = out / "pipeline"
         tmp = out / "pipeline.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -312,14 +314,14 @@ def build_model(cfg: SelmaConfig, which: str, base_factory: Callable | None = No
     if which == "base":
         return pipe
     if which.startswith("expert:"):
-        load_into_pipeline(pipe, expert_dir(cfg, which.split(":", 1)[1]), adapter_name="expert")
+        load_lora(pipe, expert_dir(cfg, which.split(":", 1)[1]), adapter_name="expert")
         return pipe
     if which == "mixed":
-        load_into_pipeline(pipe, cfg.path("experts", MIXED), adapter_name="mixed")
+        load_lora(pipe, cfg.path("experts", MIXED), adapter_name="mixed")
         return pipe
     if which.startswith("merged"):
         method = which.split(":", 1)[1] if ":" in which else None
-        fuse_deltas(get_denoiser(pipe), merged_result(cfg, method).deltas)
+        fuse_deltas(network_of(pipe), merged_result(cfg, method).deltas)
         return pipe
     raise ValueError(f"unknown model {which!r}")
 

@@ -20,17 +20,14 @@ from pathlib import Path
 
 import torch
 
+from diffalign.core.denoisers import Denoiser, denoiser_for, prediction_target
+from diffalign.core.lora import add_lora, component_of, default_targets, make_lora_config
+from diffalign.core.models import detect_family
 from diffalign.selma.images import ImageTextDataset
-from diffalign.selma.lora import (
-    LoraAdapter,
-    adapter_from_model,
-    add_lora,
-    denoiser_prefix,
-    get_denoiser,
-    make_lora_config,
-    save_adapter,
-)
-from diffalign.selma.losses import diffusion_loss, diffusion_target, noisy_latents
+from diffalign.selma.lora import LoraAdapter, adapter_from_model, save_adapter
+from diffalign.selma.losses import diffusion_loss
+
+FAMILIES = ("sd", "sdxl", "pixart")  # DDPM-family pipelines (the plain diffusion loss on integer timesteps)
 
 
 def _step_seed(seed: int, step: int, micro: int, rank: int) -> int:
@@ -52,85 +49,33 @@ def batch_indices(seed: int, counter: int, batch_size: int, n: int) -> list[int]
 
 
 # --------------------------------------------------------------------------------------------------
-# Architecture adapters: text conditioning and the denoiser call
+# The denoiser call
 # --------------------------------------------------------------------------------------------------
 
 
-def architecture_of(pipe) -> str:
-    name = type(pipe).__name__
-    if "XL" in name and getattr(pipe, "unet", None) is not None:
-        return "sdxl"
-    if getattr(pipe, "unet", None) is not None:
-        return "sd"
-    if "PixArt" in name:
-        return "pixart"
-    raise ValueError(
-        f"SELMA expert training supports Stable Diffusion, SDXL and PixArt pipelines, not {name}"
-    )
-
-
-@torch.no_grad()
-def encode_text(pipe, prompts: Sequence[str], device) -> dict:
-    arch = architecture_of(pipe)
-    prompts = list(prompts)
-    if arch == "sd":
-        embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
-        return {"encoder_hidden_states": embeds}
-    if arch == "sdxl":
-        embeds, _, pooled, _ = pipe.encode_prompt(
-            prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+def expert_denoiser(pipe, resolution: int | None = None) -> Denoiser:
+    """Core's denoiser of ``pipe``; refuses families SELMA's trainer does not cover."""
+    den = denoiser_for(pipe, resolution)
+    if den.family not in FAMILIES:
+        raise ValueError(
+            f"SELMA expert training supports Stable Diffusion, SDXL and PixArt pipelines, not "
+            f"{type(pipe).__name__} (a {den.family} pipeline)"
         )
-        return {"encoder_hidden_states": embeds, "text_embeds": pooled}
-    max_len = getattr(pipe.tokenizer, "model_max_length", 120)
-    embeds, mask, _, _ = pipe.encode_prompt(
-        prompts, do_classifier_free_guidance=False, device=device, max_sequence_length=min(120, max_len)
-    )
-    return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
+    return den
 
 
 def denoise(
-    pipe, denoiser, latents, timesteps, cond: dict, crops: torch.Tensor | None = None
+    den: Denoiser, model, latents, timesteps, prompts, crops: torch.Tensor | None = None
 ) -> torch.Tensor:
-    arch = architecture_of(pipe)
-    dtype = next(p.dtype for n, p in denoiser.named_parameters() if "lora_" not in n)
-    latents = latents.to(dtype)
-    if arch == "sd":
-        return denoiser(
-            latents, timesteps, encoder_hidden_states=cond["encoder_hidden_states"].to(dtype)
-        ).sample
-    if arch == "sdxl":
-        h, w = latents.shape[-2] * pipe.vae_scale_factor, latents.shape[-1] * pipe.vae_scale_factor
-        if crops is None:
-            crops = torch.tensor([[h, w, 0, 0]] * latents.shape[0])
-        time_ids = torch.cat(
-            [crops.float(), torch.tensor([[h, w]] * latents.shape[0], dtype=torch.float32)], dim=1
-        )
-        added = {"text_embeds": cond["text_embeds"].to(dtype), "time_ids": time_ids.to(latents.device, dtype)}
-        return denoiser(
-            latents,
-            timesteps,
-            encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
-            added_cond_kwargs=added,
-        ).sample
-    out = denoiser(
-        latents,
-        encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
-        encoder_attention_mask=cond["encoder_attention_mask"],
-        timestep=timesteps,
-        added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-    ).sample
-    if out.shape[1] == 2 * latents.shape[1]:  # learned sigma: the first half is the noise/velocity prediction
-        out = out[:, : latents.shape[1]]
-    return out
-
-
-@torch.no_grad()
-def encode_images(vae, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    eps = torch.randn(dist.mean.shape, generator=generator).to(dist.mean.device, dist.mean.dtype)
-    latents = dist.mean + dist.std * eps
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (latents - shift) * vae.config.scaling_factor
+    """The trained network's output for ``prompts`` (no guidance); SDXL gets the images' own size and
+    crop conditioning ``crops`` ``[B, (orig_h, orig_w, top, left)]``, as SDXL was trained."""
+    latents = latents.to(den.dtype)
+    if den.family == "sdxl":
+        size = latents.shape[-1] * den.vae_scale_factor
+        cond = den.encode(prompts, guidance=False, crops=crops, target_size=size)
+    else:
+        cond = den.encode(prompts, guidance=False)
+    return den.forward(model, latents, timesteps, cond.cond)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,9 +128,10 @@ def train_lora(
             module.requires_grad_(False)
             if tcfg.dtype:
                 module.to(dtype=getattr(torch, tcfg.dtype))
-    denoiser = get_denoiser(pipe)
-    denoiser.requires_grad_(False)
-    lcfg = make_lora_config(tcfg.rank, tcfg.alpha, tcfg.targets, tcfg.init)
+    den = expert_denoiser(pipe, tcfg.resolution)
+    denoiser = den.model
+    targets = tcfg.targets or default_targets(den.family)
+    lcfg = make_lora_config(tcfg.rank, tcfg.alpha, targets, tcfg.init)
     add_lora(denoiser, lcfg)
     params = [p for p in denoiser.parameters() if p.requires_grad]
     for p in params:  # LoRA weights train in float32 even when the frozen model is half precision
@@ -208,10 +154,8 @@ def train_lora(
     denoiser_p, optimizer, lr_sched = accelerator.prepare(denoiser, optimizer, lr_sched)
     accum = accelerator.gradient_accumulation_steps
     dataset = ImageTextDataset(records, tcfg.resolution, tcfg.center_crop, tcfg.random_flip)
-    scheduler_cfg = pipe.scheduler.config
-    prediction_type = scheduler_cfg.get("prediction_type", "epsilon")
-    alphas_cumprod = _alphas_cumprod(pipe.scheduler)
-    n_train_t = int(scheduler_cfg.get("num_train_timesteps", len(alphas_cumprod)))
+    schedule, prediction_type = den.schedule, den.prediction_type
+    n_train_t = schedule.num_train_timesteps
 
     ckpt = CheckpointManager(out_dir, keep_last=tcfg.keep_checkpoints)
     start = 0
@@ -243,14 +187,14 @@ def train_lora(
             prompts = [it[1] for it in items]
             crops = torch.tensor([[it[2][0], it[2][1], it[2][2], it[2][3]] for it in items])
             with accelerator.accumulate(denoiser_p):
-                latents = encode_images(pipe.vae, pixels, gen).float()
+                latents = den.encode_images(pixels, gen).float()
                 noise = torch.randn(latents.shape, generator=gen).to(latents.device)
                 t = torch.randint(0, n_train_t, (latents.shape[0],), generator=gen).to(latents.device)
-                xt = noisy_latents(latents, noise, alphas_cumprod, t)
-                target = diffusion_target(latents, noise, alphas_cumprod, t, prediction_type)
-                cond = encode_text(pipe, prompts, device)
+                xt = schedule.add_noise(latents, noise, t)
+                alpha, sigma = schedule.alpha_sigma(t, latents)
+                target = prediction_target(latents, noise, alpha, sigma, prediction_type)
                 with accelerator.autocast():
-                    pred = denoise(pipe, denoiser_p, xt, t, cond, crops)
+                    pred = denoise(den, denoiser_p, xt, t, prompts, crops)
                 loss = diffusion_loss(pred, target)
                 check_finite(loss, step, "selma lora loss")
                 accelerator.backward(loss)
@@ -312,15 +256,6 @@ def train_lora(
     return out_dir
 
 
-def _alphas_cumprod(scheduler) -> torch.Tensor:
-    ac = getattr(scheduler, "alphas_cumprod", None)
-    if ac is None:
-        raise ValueError(
-            f"scheduler {type(scheduler).__name__} has no alphas_cumprod: SELMA's trainer covers DDPM-family (epsilon / v) models"
-        )
-    return torch.as_tensor(ac, dtype=torch.float32)
-
-
 def _lora_tensors(denoiser) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in denoiser.named_parameters() if "lora_" in n}
 
@@ -338,7 +273,8 @@ def _load_lora_tensors(denoiser, tensors: dict[str, torch.Tensor]) -> None:
 def _export(
     denoiser, lcfg, pipe, out_dir, base_model, skill, step, steps, n_images, partial=False, history=None
 ) -> LoraAdapter:
-    adapter = adapter_from_model(denoiser, lcfg, prefix=denoiser_prefix(pipe), base_model=base_model)
+    prefix = component_of(detect_family(pipe))
+    adapter = adapter_from_model(denoiser, lcfg, prefix=prefix, base_model=base_model)
     extra = {
         "skill": skill,
         "steps": steps,

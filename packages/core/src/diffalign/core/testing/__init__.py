@@ -17,6 +17,7 @@ from .models import (
     tiny_flux_transformer,
     tiny_flux_vae,
     tiny_pixart_pipeline,
+    tiny_pixart_sized_pipeline,
     tiny_pixart_transformer,
     tiny_sd_pipeline,
     tiny_sdxl_pipeline,
@@ -51,6 +52,7 @@ __all__ = [
     "tiny_sd_pipeline",
     "tiny_sdxl_pipeline",
     "tiny_pixart_pipeline",
+    "tiny_pixart_sized_pipeline",
     "tiny_flux_pipeline",
     "tiny_qwen2_5_vl",
 ]

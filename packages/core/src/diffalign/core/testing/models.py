@@ -324,6 +324,36 @@ def tiny_pixart_pipeline(seed: int = 0):
     return pipe
 
 
+def tiny_pixart_sized_pipeline(seed: int = 0):
+    """PixArt-alpha-1024-style: a transformer with ``sample_size`` 128, so it embeds (resolution, aspect
+    ratio) as PixArt-XL-2-1024-MS does (width 24, divisible by 3 for the size embedding)."""
+    from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    _seeded(seed)
+    transformer = PixArtTransformer2DModel(
+        sample_size=128,
+        num_layers=2,
+        patch_size=2,
+        attention_head_dim=12,
+        num_attention_heads=2,
+        in_channels=LATENT_CHANNELS,
+        out_channels=2 * LATENT_CHANNELS,
+        caption_channels=TEXT_HIDDEN,
+        cross_attention_dim=24,
+        norm_type="ada_norm_single",
+        norm_num_groups=8,
+    ).eval()
+    pipe = PixArtAlphaPipeline(
+        tokenizer=tiny_tokenizer(),
+        text_encoder=tiny_t5_encoder(seed),
+        vae=tiny_vae(seed),
+        transformer=transformer,
+        scheduler=_scheduler_ddim("epsilon"),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def tiny_flux_pipeline(seed: int = 0):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
