@@ -29,7 +29,7 @@ __all__ = [
     "SHAPES_IDS",
 ]
 
-SHAPES_IDS = ("shapes/unet", "shapes/dit")
+SHAPES_IDS = ("shapes/unet", "shapes/dit", "shapes/unet-web")
 
 
 @dataclass(frozen=True)
