@@ -108,3 +108,27 @@ def test_agreement_matches_brute_force_answers():
     assert res["scene_agreement"] == pytest.approx(sum(s == o for s, o in zip(scenes, other)) / len(scenes))
     ident = verifier_agreement(images, prompts, _Oracle(scenes), _Oracle(scenes))
     assert ident["answer_agreement"] == 1.0 and ident["prompt_score_agreement"] == 1.0
+
+
+def test_world_info_shows_the_evaluation_verifier_and_the_web_base(tmp_path):
+    import json
+
+    from diffalign.core.shapes.cli import format_info, load_world_info
+
+    row = {"overall": 0.9, "skill_mean": 0.9, "per_skill": {"object": 0.9, "count": 0.8}, "fid": 3.0}
+    web = {"overall": 0.7, "skill_mean": 0.7, "per_skill": {"object": 0.85, "count": 0.5}, "fid": 4.0}
+    (tmp_path / "world_info.json").write_text(
+        json.dumps({"teacher_unet": {"guidance": 4.0, "steps": {"50": row}}})
+    )
+    agree = {"n_images": 100, "answer_agreement": 0.98, "prompt_score_agreement": 0.95}
+    agree.update(faithfulness_a=0.93, faithfulness_b=0.92)
+    ev = {"seed": 1, "clean": {"count_accuracy": 1.0}, "agreement": {"shapes/unet": agree}}
+    (tmp_path / "eval_verifier.json").write_text(json.dumps(ev))
+    (tmp_path / "unet_web").mkdir()
+    info = {"clean": {"steps": {"50": row}}, "web": {"guidance": 4.0, "steps": {"50": web}}, "captions": "c"}
+    (tmp_path / "unet_web" / "info.json").write_text(json.dumps(info))
+    text = format_info(load_world_info(tmp_path))
+    assert "evaluation verifier, seed 1" in text and "count 1.000" in text
+    assert "answers 0.980" in text and "0.930 (reward's) vs 0.920 (evaluation)" in text
+    assert "shapes/unet-web:" in text and "count 0.50" in text
+    assert "overall -0.200; object -0.05, count -0.30" in text

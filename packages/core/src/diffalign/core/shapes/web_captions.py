@@ -396,10 +396,12 @@ def measure_web_base(
     guidance: float = 4.0,
     seed: int = 0,
     log=print,
+    clean: dict | None = None,
 ) -> dict:
     """Per-skill faithfulness of the clean teacher and of the web-caption base on the same held-out
     prompts and seeds (``eval_prompts(n_per_skill)``), scored by the reward's verifier (``per_skill``)
-    and by the evaluation verifier (``by_eval_verifier``), plus FID."""
+    and by the evaluation verifier (``by_eval_verifier``), plus FID. ``clean``: the clean teacher's
+    entry of an earlier measurement with the same prompts, steps and seed (sampling is deterministic)."""
     from .evaluate import load_shapes_pipeline
     from .grammar import eval_prompts
     from .verifier import eval_verifier_path, load_eval_verifier
@@ -408,10 +410,17 @@ def measure_web_base(
     prompts = eval_prompts(n_per_skill)
     verifiers = {"eval_verifier": load_eval_verifier()} if eval_verifier_path().exists() else {}
     res = {}
+    if clean is not None:
+        same = clean.get("n_prompts") == len(prompts) and clean.get("seed") == seed
+        if not same or set(clean.get("steps", {})) != {str(x) for x in steps}:
+            raise ValueError("the clean measurement to reuse has other prompts, seed or steps")
+        res["clean"] = clean
     for name, pipe in (
         ("clean", lambda: load_shapes_pipeline(_clean_unet_path())),
         ("web", lambda: load_web_pipeline(adapter_dir)),
     ):
+        if name in res:
+            continue
         res[name] = _measure(
             pipe(), prompts, steps, guidance, seed, verifiers, lambda m, n=name: log(f"{n}: {m}")
         )
@@ -449,6 +458,9 @@ def main(argv=None) -> None:
     me.add_argument("--out", required=True, help="JSON to write.")
     me.add_argument("--n-per-skill", type=int, default=50)
     me.add_argument("--steps", default="50", help="Comma-separated sampling steps.")
+    me.add_argument(
+        "--clean-from", default=None, help="Reuse the clean teacher's entry of this earlier JSON."
+    )
     for p in (tr, me):
         p.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -468,7 +480,8 @@ def main(argv=None) -> None:
         train_web_base(cfg, args.run_dir, log=log, max_minutes=args.max_minutes)
     else:
         steps = tuple(int(s) for s in args.steps.split(","))
-        write_json(measure_web_base(args.adapter, args.n_per_skill, steps, log=log), args.out)
+        clean = json.loads(Path(args.clean_from).read_text())["clean"] if args.clean_from else None
+        write_json(measure_web_base(args.adapter, args.n_per_skill, steps, log=log, clean=clean), args.out)
         log(f"wrote {args.out}")
 
 
