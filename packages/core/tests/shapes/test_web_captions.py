@@ -130,10 +130,16 @@ def test_adapter_round_trips_through_load_lora_weights(tmp_path):
             p.add_(torch.randn_like(p) * 0.05)
     adapted = _unet_out(pipe.unet)
     assert (adapted - base).abs().max() > 1e-3
-    save_unet_lora(pipe.unet, tmp_path / "ad", {"config": {}})
+    save_unet_lora(pipe.unet, tmp_path / "ad", {"config": {}}, dtype=torch.float32)
+    save_unet_lora(pipe.unet, tmp_path / "ad16", {"config": {}})  # the default: fp16, half the size
+    size16 = (tmp_path / "ad16" / ADAPTER_FILE).stat().st_size
+    assert size16 < 0.6 * (tmp_path / "ad" / ADAPTER_FILE).stat().st_size
     fresh = load_shapes_pipeline(model_path("unet"))
     fresh.load_lora_weights(str(tmp_path / "ad"), weight_name=ADAPTER_FILE)
     assert torch.allclose(_unet_out(fresh.unet), adapted, atol=1e-5)
+    half = load_shapes_pipeline(model_path("unet"))
+    half.load_lora_weights(str(tmp_path / "ad16"), weight_name=ADAPTER_FILE)
+    assert torch.allclose(_unet_out(half.unet), adapted, atol=5e-3)
     fresh.fuse_lora()
     fresh.unload_lora_weights()
     assert torch.allclose(_unet_out(fresh.unet), adapted, atol=1e-4)

@@ -198,7 +198,12 @@ def format_info(data: dict) -> str:
             c = cmp_["clean"]["steps"].get(s)
             if c:
                 delta = ", ".join(f"{k} {r['per_skill'][k] - v:+.2f}" for k, v in c["per_skill"].items())
+                cats = ", ".join(
+                    f"{k} {r['per_category'][k] - v:+.2f}" for k, v in c.get("per_category", {}).items()
+                )
                 lines.append(f"  {s:>3} steps: overall {r['overall'] - c['overall']:+.3f}; {delta}")
+                if cats:
+                    lines.append(f"       per question type: {cats}")
     for k, v in data.get("protocol", {}).items():
         lines.append(f"- {k}: {v}")
     return "\n".join(lines)

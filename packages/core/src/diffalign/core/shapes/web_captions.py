@@ -164,15 +164,18 @@ def add_unet_lora(unet, rank: int, targets=LORA_TARGETS, alpha: float | None = N
     return [p for p in unet.parameters() if p.requires_grad]
 
 
-def save_unet_lora(unet, out_dir: str | Path, metadata: dict | None = None) -> Path:
-    """Write ``unet``'s LoRA as ``pytorch_lora_weights.safetensors`` (read by ``load_lora_weights``)."""
+def save_unet_lora(
+    unet, out_dir: str | Path, metadata: dict | None = None, dtype: torch.dtype = torch.float16
+) -> Path:
+    """Write ``unet``'s LoRA as ``pytorch_lora_weights.safetensors`` (read by ``load_lora_weights``),
+    stored in ``dtype`` (fp16 by default, like the teachers' weights)."""
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    state = {k: v.detach().to(torch.float32).contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+    state = {k: v.detach().to(dtype).contiguous() for k, v in get_peft_model_state_dict(unet).items()}
     StableDiffusionPipeline.save_lora_weights(str(tmp), unet_lora_layers=state, safe_serialization=True)
     if metadata is not None:
         (tmp / "config.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
