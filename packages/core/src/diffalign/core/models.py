@@ -1,7 +1,7 @@
 """Load pipelines, denoisers and VLMs from hub ids, local directories or the built-in shapes world.
 
 Every loader accepts a hub id (``stabilityai/stable-diffusion-xl-base-1.0``), a local directory, or a
-shapes-world id (``shapes/unet``, ``shapes/dit``). Hub ids are looked up, in order, under
+shapes-world id (``shapes/unet``, ``shapes/dit``, ``shapes/unet-web``). Hub ids are looked up, in order, under
 ``$DIFFALIGN_MODEL_ROOT/<org>/<name>`` and in the Hugging Face cache; with ``HF_HUB_OFFLINE=1`` nothing
 is downloaded and a missing model raises ``ModelNotFoundError`` naming the id and how to supply it.
 """
@@ -32,7 +32,7 @@ __all__ = [
     "network_of",
 ]
 
-SHAPES_IDS = ("shapes/unet", "shapes/dit")
+SHAPES_IDS = ("shapes/unet", "shapes/dit", "shapes/unet-web")
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@
 disjoint train / held-out splits, a scene-parser verifier giving DSG-style faithfulness, a
 differentiable reward and FID features, simulated annotators, and two teachers shipped as
 standard diffusers folders (``shapes/unet``: StableDiffusionPipeline, ``shapes/dit``:
-PixArtAlphaPipeline, sampled with ``use_resolution_binning=False``).
+PixArtAlphaPipeline, sampled with ``use_resolution_binning=False``), plus ``shapes/unet-web``: the
+UNet teacher adapted on web-like misaligned captions (a committed LoRA, fused on first use), and an
+evaluation-only verifier (``load_eval_verifier``) that no reward can use.
 """
 
 from __future__ import annotations
@@ -26,21 +28,33 @@ from .questions import FaithfulnessResult, Question, compile_prompt
 from .render import random_scene, render_scenes, scene_for_spec
 
 ASSETS = Path(__file__).parent / "assets"
-MODELS = ("unet", "dit")
+MODELS = ("unet", "dit", "unet-web")
 
 
 def model_path(name: str) -> Path:
-    """Folder of a committed shapes teacher: ``model_path("unet")`` or ``model_path("dit")``
-    (``"shapes/unet"`` and ``"shapes/dit"`` are accepted too)."""
+    """Folder of a committed shapes model: ``model_path("unet")``, ``"dit"`` or ``"unet-web"``
+    (``"shapes/unet"`` etc. are accepted too). ``unet-web`` is the UNet teacher with the committed
+    web-caption LoRA fused in, written once to a cache folder."""
     key = name.split("/", 1)[1] if name.startswith("shapes/") else name
     if key not in MODELS:
         raise ValueError(f"unknown shapes model {name!r}; expected one of {[f'shapes/{m}' for m in MODELS]}")
+    if key == "unet-web":
+        from .web_captions import web_base_path
+
+        return web_base_path()
     path = ASSETS / key
     if not (path / "model_index.json").exists():
         raise FileNotFoundError(
             f"shapes teacher {key!r} is not built at {path}; run `diffalign world build` to build it"
         )
     return path
+
+
+def load_eval_verifier():
+    """The evaluation-only verifier (see ``verifier.load_eval_verifier``)."""
+    from .verifier import load_eval_verifier as _load
+
+    return _load()
 
 
 def render_prompts(prompts: list[str], seed: int = 0):
@@ -82,6 +96,7 @@ __all__ = [
     "eval_prompts",
     "faithfulness",
     "fid",
+    "load_eval_verifier",
     "make_preference_pairs",
     "model_path",
     "parse_prompt",

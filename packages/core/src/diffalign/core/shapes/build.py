@@ -5,6 +5,8 @@ Stages (each skipped when its output exists; teachers resume from their checkpoi
 1. ``tokenizer/``              word-level tokenizer
 2. ``vae/``                    tiny AutoencoderKL trained on renders
 3. ``verifier.safetensors``    scene parser (+ ``verifier_eval.json``)
+3b. ``eval_verifier.safetensors``  evaluation-only scene parser, seed 1, heavier augmentation
+                               (+ ``eval_verifier.json``: accuracy per question type)
 4. ``fid_reference.safetensors``  verifier-feature statistics of held-out renders
 5. ``teacher_<kind>/``         training runs (checkpoints, sample grids, log)
 6. ``unet/``, ``dit/``          exported diffusers folders (EMA weights, fp16)
@@ -36,6 +38,7 @@ class BuildPlan:
     vae_steps: int = 500
     decoder_steps: int = 1500
     verifier_steps: int = 800
+    eval_verifier: bool = True
     teacher_steps: int | None = None  # None: DEFAULT_TEACHER_STEPS per teacher
     eval_per_skill: int = 25
     eval_steps: tuple[int, ...] = (50, 4)
@@ -135,6 +138,9 @@ def build_world(
         write_json(ev, out / "verifier_eval.json")
         log(f"verifier: {json.dumps(ev['clean'])}")
 
+    if plan.eval_verifier:
+        build_eval_verifier(out, steps=plan.verifier_steps, micro=plan.micro, log=log, progress=progress)
+
     ref_path = out / "fid_reference.safetensors"
     if not ref_path.exists():
         mu, sigma = compute_reference_stats(verifier, n=64 if plan.micro else 2000)
@@ -186,6 +192,84 @@ def build_world(
     return info
 
 
+def build_eval_verifier(out_dir: str | Path, steps: int = 800, micro: bool = False, log=print, progress=None):
+    """Train (unless present) the evaluation-only verifier into ``out_dir`` and measure it on held-out
+    renders (``eval_verifier.json``). Same code as the reward's verifier; another seed, and three
+    quarters of each batch perturbed instead of half."""
+    from .verifier import (
+        EVAL_PERTURB_FRAC,
+        EVAL_VERIFIER_SEED,
+        evaluate_verifier,
+        load_verifier,
+        save_verifier,
+        train_verifier,
+    )
+
+    out = Path(out_dir)
+    path = out / "eval_verifier.safetensors"
+    if not path.exists():
+        model = train_verifier(
+            steps=steps,
+            seed=EVAL_VERIFIER_SEED,
+            width=4 if micro else 16,
+            log=log,
+            progress=progress,
+            perturb_frac=EVAL_PERTURB_FRAC,
+        )
+        save_verifier(model, out / "eval_verifier.tmp.safetensors", role="evaluation")
+        (out / "eval_verifier.tmp.safetensors").rename(path)
+    info_path = out / "eval_verifier.json"
+    if not info_path.exists():
+        model = load_verifier(path)
+        n = 40 if micro else 1000
+        ev = {
+            "seed": EVAL_VERIFIER_SEED,
+            "perturb_frac": EVAL_PERTURB_FRAC,
+            "steps": steps,
+            "clean": evaluate_verifier(model, n=n),
+            "perturbed": evaluate_verifier(model, n=n, perturbed=True),
+            "size_bytes": path.stat().st_size,
+        }
+        write_json(ev, info_path)
+        log(f"eval verifier: {json.dumps(ev['clean'])}")
+    return path
+
+
+def measure_verifier_agreement(
+    models: tuple[str, ...] = ("shapes/unet", "shapes/dit"),
+    n_per_skill: int = 25,
+    steps: int = 50,
+    guidance: float = 4.0,
+    seed: int = 0,
+    eval_verifier=None,
+    log=print,
+) -> dict:
+    """Agreement of the reward's verifier and the evaluation verifier on teacher samples of the
+    held-out evaluation prompts (``verifier.verifier_agreement`` per model)."""
+    from diffalign.core.models import resolve_model_path
+
+    from .evaluate import load_shapes_pipeline
+    from .grammar import eval_prompts
+    from .scoring import get_verifier
+    from .teachers import sample_pipeline
+    from .verifier import load_eval_verifier, verifier_agreement
+
+    prompts = eval_prompts(n_per_skill)
+    v2 = eval_verifier if eval_verifier is not None else load_eval_verifier()
+    out = {}
+    for m in models:
+        pipe = load_shapes_pipeline(resolve_model_path(m))
+        images = sample_pipeline(pipe, prompts, steps=steps, guidance=guidance, seed=seed)
+        ag = verifier_agreement(images, prompts, get_verifier(), v2)
+        ag.update({"steps": steps, "guidance": guidance, "seed": seed})
+        out[m] = ag
+        log(
+            f"{m}: answers agree {ag['answer_agreement']:.3f}, faithfulness {ag['faithfulness_a']:.3f} / "
+            f"{ag['faithfulness_b']:.3f}"
+        )
+    return out
+
+
 def _recon_l1(vae_dir: Path, n: int = 128) -> float:
     import random
 
@@ -207,7 +291,13 @@ def install_world(build_dir: str | Path, assets_dir: str | Path | None = None) -
     src = Path(build_dir)
     dst = Path(assets_dir) if assets_dir is not None else ASSETS
     dst.mkdir(parents=True, exist_ok=True)
-    for name in ("verifier.safetensors", "fid_reference.safetensors", "world_info.json"):
+    for name in (
+        "verifier.safetensors",
+        "eval_verifier.safetensors",
+        "eval_verifier.json",
+        "fid_reference.safetensors",
+        "world_info.json",
+    ):
         if (src / name).exists():
             shutil.copy2(src / name, dst / name)
     for kind in ("unet", "dit"):

@@ -129,11 +129,25 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print the raw JSON.
     if not path.exists():
         typer.echo(f"no world info at {path}; run `diffalign world build --install`", err=True)
         raise typer.Exit(code=1)
-    data = json.loads(path.read_text())
+    data = load_world_info(ASSETS)
     if as_json:
         typer.echo(json.dumps(data, indent=2))
         return
     typer.echo(format_info(data))
+
+
+def load_world_info(assets: Path) -> dict:
+    """``world_info.json`` plus the measurements stored beside the evaluation verifier
+    (``eval_verifier.json``) and the web-caption base (``unet_web/info.json``)."""
+    data = json.loads((assets / "world_info.json").read_text())
+    if (assets / "eval_verifier.json").exists():
+        data["eval_verifier"] = json.loads((assets / "eval_verifier.json").read_text())
+    if (assets / "unet_web" / "info.json").exists():
+        web = json.loads((assets / "unet_web" / "info.json").read_text())
+        if "web" in web:
+            data["teacher_unet-web"] = web["web"]
+        data["unet_web_comparison"] = web
+    return data
 
 
 def format_info(data: dict) -> str:
@@ -161,6 +175,35 @@ def format_info(data: dict) -> str:
                 f"  {s:>3} steps, CFG {t.get('guidance')}: overall {r['overall']:.3f}, skill mean "
                 f"{r['skill_mean']:.3f}, {_skills(r)}, FID {r['fid']:.1f}"
             )
+    ev = data.get("eval_verifier")
+    if ev:
+        for k in ("clean", "perturbed"):
+            if isinstance(ev.get(k), dict):
+                accs = " ".join(
+                    f"{n.replace('_accuracy', '')} {v:.3f}"
+                    for n, v in ev[k].items()
+                    if n.endswith("accuracy")
+                )
+                lines.append(f"evaluation verifier, seed {ev.get('seed')} ({k} held-out renders): {accs}")
+        for model, ag in ev.get("agreement", {}).items():
+            lines.append(
+                f"  agreement with the reward's verifier on {model} samples ({ag['n_images']} images): answers "
+                f"{ag['answer_agreement']:.3f}, prompt scores {ag['prompt_score_agreement']:.3f}; faithfulness "
+                f"{ag['faithfulness_a']:.3f} (reward's) vs {ag['faithfulness_b']:.3f} (evaluation)"
+            )
+    cmp_ = data.get("unet_web_comparison", {})
+    if "clean" in cmp_ and "web" in cmp_:
+        lines.append(f"shapes/unet-web vs shapes/unet (same prompts and seeds; {cmp_.get('captions', '')}):")
+        for s, r in cmp_["web"].get("steps", {}).items():
+            c = cmp_["clean"]["steps"].get(s)
+            if c:
+                delta = ", ".join(f"{k} {r['per_skill'][k] - v:+.2f}" for k, v in c["per_skill"].items())
+                cats = ", ".join(
+                    f"{k} {r['per_category'][k] - v:+.2f}" for k, v in c.get("per_category", {}).items()
+                )
+                lines.append(f"  {s:>3} steps: overall {r['overall'] - c['overall']:+.3f}; {delta}")
+                if cats:
+                    lines.append(f"       per question type: {cats}")
     for k, v in data.get("protocol", {}).items():
         lines.append(f"- {k}: {v}")
     return "\n".join(lines)

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from .grammar import parse_prompt
 from .questions import FaithfulnessResult, score_parsed, soft_scores
-from .verifier import FEATURE_DIM, SceneParser, load_verifier
+from .verifier import FEATURE_DIM, SceneParser, check_reward_verifier, load_verifier
 
 ASSETS = Path(__file__).parent / "assets"
 IMAGE_SHAPE = (3, 32, 32)
@@ -119,7 +119,7 @@ class ShapesFaithfulnessReward:
     input_range = "[-1,1]"
 
     def __init__(self, verifier_path: str | Path | None = None):
-        self.verifier = get_verifier(verifier_path)
+        self.verifier = check_reward_verifier(get_verifier(verifier_path))
 
     def score(self, images, prompts) -> torch.Tensor:
         return torch.tensor(faithfulness(images, prompts, self.verifier).per_prompt)
@@ -135,7 +135,7 @@ class ShapesReward:
     input_range = "[-1,1]"
 
     def __init__(self, verifier_path: str | Path | None = None):
-        self.verifier = get_verifier(verifier_path)
+        self.verifier = check_reward_verifier(get_verifier(verifier_path))
 
     def score(self, images, prompts) -> torch.Tensor:
         return soft_faithfulness(images, prompts, self.verifier)

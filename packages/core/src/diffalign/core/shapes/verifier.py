@@ -3,13 +3,21 @@
 A small CNN maps a 32x32 image to a per-cell class map on the world's 3x3 grid: for each cell,
 probabilities over {empty} and the 12 colour-shape kinds (12 density maps at the grid's
 resolution: a kind's count is the sum of its map, an object's position is its cell). Questions are
-answered exactly from the parsed scene (``questions.answer``); the penultimate 256-d layer gives
+answered exactly from the parsed scene (``questions.answer``); the penultimate 576-d layer gives
 FID features.
+
+Two verifiers are committed: ``verifier.safetensors`` (seed 0), behind the rewards
+``shapes-faithfulness`` / ``shapes-reward``, and ``eval_verifier.safetensors`` (seed 1, heavier
+augmentation), for evaluation only (``load_eval_verifier``). A benchmark that optimises the reward
+scores with both, so that gains on the reward's own verifier that the other does not see (reward
+hacking) show up. The evaluation verifier carries ``role=evaluation`` in its metadata and the reward
+classes refuse it.
 """
 
 from __future__ import annotations
 
 import random
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -21,6 +29,14 @@ from .questions import CATEGORIES, N_CELLS, N_CLASSES, answer, compile_spec, sce
 from .render import perturb, random_scene, render_scenes, scene_for_spec, scene_targets
 
 FEATURE_DIM = 64 * N_CELLS  # penultimate per-cell features, flattened
+ASSETS = Path(__file__).parent / "assets"
+EVAL_VERIFIER_SEED = 1
+EVAL_PERTURB_FRAC = 0.75  # the evaluation verifier sees more perturbed renders than the reward's (0.5)
+ROLES = ("reward", "evaluation")
+
+
+class EvaluationOnlyError(ValueError):
+    """The evaluation verifier was asked to act as a reward."""
 
 
 class SceneParser(nn.Module):
@@ -46,6 +62,7 @@ class SceneParser(nn.Module):
         self.cell = nn.Conv2d(4 * w, head_dim, 1)
         self.head = nn.Conv2d(head_dim, N_CLASSES, 1)
         self.num_features = head_dim * N_CELLS
+        self.role = "reward"  # "evaluation" for the evaluation-only verifier (set by load_verifier)
 
     def cell_features(self, x: torch.Tensor) -> torch.Tensor:
         return F.silu(self.cell(self.pool(self.body(x))))  # [B, head_dim, 3, 3]
@@ -86,7 +103,11 @@ def train_verifier(
     width: int = 16,
     log=print,
     progress=None,
+    perturb_frac: float = 0.5,
 ) -> SceneParser:
+    """Train a scene parser on fresh renders; ``perturb_frac`` of each batch gets image noise."""
+    if not 0.0 <= perturb_frac <= 1.0:
+        raise ValueError(f"perturb_frac must be in [0, 1], got {perturb_frac}")
     torch.manual_seed(seed)
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -96,7 +117,7 @@ def train_verifier(
     for step in it:
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 30) * (0.05 + 0.95 * (1 - step / steps))
-        images, targets = _training_batch(rng, gen, batch_size)
+        images, targets = _training_batch(rng, gen, batch_size, perturb_frac)
         logits = model(images)
         loss = F.cross_entropy(logits.reshape(-1, N_CLASSES), targets.reshape(-1))
         opt.zero_grad(set_to_none=True)
@@ -108,14 +129,18 @@ def train_verifier(
     return model.eval()
 
 
-def save_verifier(model: SceneParser, path: str | Path) -> Path:
+def save_verifier(model: SceneParser, path: str | Path, role: str = "reward") -> Path:
+    """Write the weights; ``role="evaluation"`` marks an evaluation-only verifier (never a reward)."""
     from safetensors.torch import save_file
 
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     width = model.body[0][0].out_channels
-    save_file(state, str(path), metadata={"width": str(width), "head_dim": str(model.cell.out_channels)})
+    meta = {"width": str(width), "head_dim": str(model.cell.out_channels), "role": role}
+    save_file(state, str(path), metadata=meta)
     return path
 
 
@@ -130,8 +155,44 @@ def load_verifier(path: str | Path) -> SceneParser:
         meta = f.metadata() or {}
     model = SceneParser(int(meta.get("width", 16)), int(meta.get("head_dim", 64)))
     model.load_state_dict(load_file(str(path)))
+    model.role = meta.get("role", "reward")
     model.requires_grad_(False)
     return model.eval()
+
+
+def eval_verifier_path() -> Path:
+    return ASSETS / "eval_verifier.safetensors"
+
+
+@lru_cache(maxsize=1)
+def _eval_verifier(path: str) -> SceneParser:
+    model = load_verifier(path)
+    if model.role != "evaluation":
+        raise RuntimeError(f"{path} is not marked as an evaluation verifier (role {model.role!r})")
+    return model
+
+
+def load_eval_verifier() -> SceneParser:
+    """The evaluation-only verifier (seed 1, heavier augmentation): same interface as the reward's
+    verifier (pass it as ``verifier=`` to ``faithfulness``, ``fid`` or ``evaluate_pipeline``), never
+    usable as a reward. Frozen, eval mode, cached."""
+    path = eval_verifier_path()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"evaluation verifier not found at {path}; build it with `diffalign world build` "
+            "(stage eval_verifier.safetensors)"
+        )
+    return _eval_verifier(str(path))
+
+
+def check_reward_verifier(model: SceneParser) -> SceneParser:
+    """Raise ``EvaluationOnlyError`` if ``model`` is the evaluation-only verifier."""
+    if getattr(model, "role", "reward") == "evaluation":
+        raise EvaluationOnlyError(
+            "the evaluation verifier scores benchmarks only and cannot back a reward; "
+            "use the default verifier (verifier_path=None)"
+        )
+    return model
 
 
 @torch.no_grad()
@@ -166,4 +227,39 @@ def evaluate_verifier(model: SceneParser, n: int = 1000, seed: int = 10_000, per
     out = {"scene_accuracy": scene_acc, "n_images": len(all_scenes)}
     out.update({f"{k}_accuracy": sum(v) / len(v) for k, v in hits.items() if v})
     out["n_questions"] = sum(len(v) for v in hits.values())
+    return out
+
+
+@torch.no_grad()
+def verifier_agreement(images: torch.Tensor, prompts: list[str], a: SceneParser, b: SceneParser) -> dict:
+    """How two verifiers agree on the same images: per question type, the fraction of hard answers
+    they give alike; per prompt, the fraction of DSG scores equal; and each one's faithfulness."""
+    from .grammar import parse_prompt
+    from .questions import score_parsed
+
+    pa = torch.cat([a.probs(images[i : i + 256]) for i in range(0, len(images), 256)])
+    pb = torch.cat([b.probs(images[i : i + 256]) for i in range(0, len(images), 256)])
+    ha = F.one_hot(pa.argmax(-1), N_CLASSES).float()
+    hb = F.one_hot(pb.argmax(-1), N_CLASSES).float()
+    names = {"entity": "exists", "attribute": "colour", "count": "count", "relation": "relation"}
+    same: dict[str, list[float]] = {names[c]: [] for c in CATEGORIES}
+    for idx, prompt in enumerate(prompts):
+        for q in compile_spec(parse_prompt(prompt)):
+            ya = float(answer(q.op, ha[idx : idx + 1])[0]) >= 0.5
+            yb = float(answer(q.op, hb[idx : idx + 1])[0]) >= 0.5
+            same[names[q.category]].append(float(ya == yb))
+    ra, rb = score_parsed(pa, prompts), score_parsed(pb, prompts)
+    all_same = [x for v in same.values() for x in v]
+    out = {
+        "n_images": len(prompts),
+        "answer_agreement": sum(all_same) / len(all_same),
+        "prompt_score_agreement": sum(float(x == y) for x, y in zip(ra.per_prompt, rb.per_prompt))
+        / len(prompts),
+        "scene_agreement": (ha.argmax(-1) == hb.argmax(-1)).all(-1).float().mean().item(),
+        "faithfulness_a": ra.overall,
+        "faithfulness_b": rb.overall,
+        "per_skill_a": ra.per_skill,
+        "per_skill_b": rb.per_skill,
+    }
+    out.update({f"{k}_agreement": sum(v) / len(v) for k, v in same.items() if v})
     return out
