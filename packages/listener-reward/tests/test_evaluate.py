@@ -88,39 +88,84 @@ def test_bootstrap_ci_contains_mean_and_shrinks():
     assert bootstrap_ci(small, 200, seed=3) == bootstrap_ci(small, 200, seed=3)
 
 
-def test_bench_aggregate_over_seeds_matches_numpy():
-    import numpy as np
+def _fake_report(seed, rng, budget):
+    """A bench report as ``bench.run`` writes it, from random sampled answers (k=4, 30 pairs)."""
+    from diffalign.listener_reward.evaluate import SAMPLED_METRICS, ratio_bootstrap, sampled_pair_counts
 
+    results = {"single_image_scorer": {}}
+    for judge, p in (("sft", 0.5), ("grpo_naive", 0.6), ("grpo_listener", 0.7)):
+        results[judge] = {}
+        for split in ("test_id", "test_ood"):
+            labels = rng.integers(1, 3, 30)
+            right = rng.random((30, 4)) < p
+            answers = np.where(right, labels[:, None], 3 - labels[:, None])
+            counts = sampled_pair_counts(
+                answers, labels, rng.integers(1, 3, (30, 4)), rng.integers(0, 3, (30, 4))
+            )
+            greedy = (rng.random(30) < p).astype(float)
+            sampled = {
+                m: ratio_bootstrap(counts[n], counts[d], n_boot=50) for m, (n, d) in SAMPLED_METRICS.items()
+            }
+            sampled.update(
+                entropy_per_token=float(rng.random()), per_pair={k: v.tolist() for k, v in counts.items()}
+            )
+            results[judge][split] = {
+                "greedy": {
+                    "accuracy": float(greedy.mean()),
+                    "contradiction_rate": 0.1,
+                    "per_pair_correct": greedy.tolist(),
+                    "per_pair_disagree": [0.0] * 30,
+                    "per_pair_parsed": [1.0] * 30,
+                },
+                "sampled": sampled,
+            }
+    for split in ("test_id", "test_ood"):
+        results["single_image_scorer"][split] = {
+            "greedy": {"accuracy": float(rng.random()), "contradiction_rate": None}
+        }
+    training = {
+        "grpo_naive": None,
+        "grpo_listener": {"summary": {"listener_rank_change": {"mean": 0.4 + seed}}},
+    }
+    stages = {"sft": {"fingerprint": f"fp{seed}"}}
+    return {
+        "seed": seed,
+        "data_seed": seed,
+        "budget": budget,
+        "results": results,
+        "training": training,
+        "stages": stages,
+    }
+
+
+def test_bench_aggregate_over_seeds_matches_numpy():
     from diffalign.listener_reward.bench import aggregate, aggregate_table
 
     rng = np.random.default_rng(0)
-    judges = ("single_image_scorer", "sft", "grpo_naive", "grpo_listener")
-    reports = []
-    for seed in range(3):
-        results = {}
-        for j in judges:
-            results[j] = {
-                s: {
-                    "accuracy": float(rng.uniform(0.4, 0.9)),
-                    "contradiction_rate": None if j == "single_image_scorer" else float(rng.uniform(0, 0.3)),
-                }
-                for s in ("test_id", "test_ood")
-            }
-        reports.append({"seed": seed, "budget": {"sft_steps": 10}, "results": results})
-    agg = aggregate(reports)
-    acc = [r["results"]["sft"]["test_ood"]["accuracy"] for r in reports]
-    got = agg["judges"]["sft"]["test_ood"]["accuracy"]
+    reports = [_fake_report(seed, rng, {"sft_steps": 10}) for seed in range(3)]
+    agg = aggregate(reports, n_boot=100)
+    acc = [r["results"]["sft"]["test_ood"]["sampled"]["sampled_accuracy"]["value"] for r in reports]
+    got = agg["judges"]["sft"]["test_ood"]["sampled_accuracy"]
     assert np.isclose(got["mean"], np.mean(acc)) and np.isclose(got["sd"], np.std(acc, ddof=1))
     assert not np.isclose(got["sd"], np.std(acc))  # negative control: the population sd is not reported
-    assert agg["judges"]["single_image_scorer"]["test_id"]["contradiction_rate"] is None
-    diffs = agg["paired"]["listener_minus_naive"]["test_id"]["accuracy"]["per_seed"]
-    want = [
-        r["results"]["grpo_listener"]["test_id"]["accuracy"]
-        - r["results"]["grpo_naive"]["test_id"]["accuracy"]
-        for r in reports
-    ]
-    assert np.allclose(diffs, want)
+    assert agg["judges"]["single_image_scorer"]["test_id"].keys() == {"greedy_accuracy"}
+    diff = agg["paired"]["listener_minus_naive"]["test_id"]["greedy_accuracy"]
+    want = np.mean(
+        [
+            np.mean(r["results"]["grpo_listener"]["test_id"]["greedy"]["per_pair_correct"])
+            - np.mean(r["results"]["grpo_naive"]["test_id"]["greedy"]["per_pair_correct"])
+            for r in reports
+        ]
+    )
+    assert np.isclose(diff["value"], want) and diff["strata"] == 3
+    assert agg["training"]["grpo_listener"]["listener_rank_change"]["per_seed"] == [0.4, 1.4, 2.4]
+    check = agg["target"]["test_id"]["naive_gt_sft_sampled_accuracy"]
+    assert check["holds"] == (agg["paired"]["naive_minus_sft"]["test_id"]["sampled_accuracy"]["value"] > 0)
     assert "listener_minus_naive" in aggregate_table(agg)
     reports[1]["budget"] = {"sft_steps": 20}
     with pytest.raises(ValueError, match="budget"):
+        aggregate(reports)
+    reports[1]["budget"] = {"sft_steps": 10}
+    reports[1]["data_seed"] = 0  # two reports on the same data are not independent seeds
+    with pytest.raises(ValueError, match="data seeds"):
         aggregate(reports)

@@ -9,6 +9,7 @@ targets and the listener's training data). Real sets are read with ``diffalign.c
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,24 @@ def oracle_reasoning(faithful: tuple[bool, bool], descriptions: tuple[str, str] 
     return " ".join(f"image {k} : {part} ." for k, part in zip((1, 2), parts))
 
 
+_VERDICT = re.compile(r"image\s*([12])\s*:[^.]*?\b(match|mismatch)\s*\.", re.I)
+
+
+def reasoning_verdict(reasoning: str) -> int | None:
+    """The image a shapes-world reasoning argues for (the inverse of :func:`oracle_reasoning`): 1 or 2 when
+    exactly one image is called ``match`` and the other ``mismatch``, else ``None`` (undecided, repeated or
+    missing verdicts). Independent of any listener: a referee for self-contradiction."""
+    verdicts: dict[int, str] = {}
+    for index, word in _VERDICT.findall(reasoning or ""):
+        k = int(index)
+        if k in verdicts:
+            return None
+        verdicts[k] = word.lower()
+    if set(verdicts) != {1, 2} or verdicts[1] == verdicts[2]:
+        return None
+    return 1 if verdicts[1] == "match" else 2
+
+
 def caption_text(color: str, shape: str) -> str:
     """The description of a one-shape render, worded like the stand-in prompts."""
     return f"a {color} {shape}"
@@ -93,11 +112,13 @@ def render_shape(color: str, shape: str, size: int, rng: random.Random, noise: f
 
 def shapes_combos(split: str) -> list[tuple[str, str]]:
     combos = [(c, s) for c in COLORS for s in SHAPES]
+    if split == "all":
+        return combos
     if split in ("train", "test_id"):
         return [cs for cs in combos if cs not in OOD_COMBOS]
     if split == "test_ood":
         return sorted(OOD_COMBOS)
-    raise ValueError(f"unknown shapes split {split!r}; choose train, test_id or test_ood")
+    raise ValueError(f"unknown shapes split {split!r}; choose train, test_id, test_ood or all")
 
 
 def make_shapes_pairs(
@@ -248,6 +269,7 @@ __all__ = [
     "make_shapes_pairs",
     "oracle_reasoning",
     "pairs_from_records",
+    "reasoning_verdict",
     "render_shape",
     "sft_target",
 ]

@@ -73,6 +73,30 @@ def contradiction_rate(reasoner_choices: Sequence[int | None], listener_probs: t
     return {"contradiction_rate": disagree / len(valid), "n": len(valid)}
 
 
+def ranking_changes(base: Sequence[float], shaped: Sequence[float], group_size: int) -> dict:
+    """How a reward term changes the within-group ordering that GRPO's advantages follow.
+
+    ``base`` and ``shaped`` are the summed rewards without and with the term, ``group_size`` consecutive
+    completions per prompt (TRL's layout). A group ``changed`` if some pair of its completions is ordered
+    differently (a tie broken or made counts); it ``flipped`` if some strictly ordered pair is reversed.
+    Returns the shares of groups and the group count."""
+    a = torch.as_tensor(list(base), dtype=torch.float64)
+    b = torch.as_tensor(list(shaped), dtype=torch.float64)
+    if a.shape != b.shape or group_size < 1 or a.numel() % group_size:
+        raise ValueError(f"need two reward lists of equal length divisible by {group_size}")
+    a, b = a.view(-1, group_size), b.view(-1, group_size)
+    sa = torch.sign(a[:, :, None] - a[:, None, :])
+    sb = torch.sign(b[:, :, None] - b[:, None, :])
+    changed = (sa != sb).flatten(1).any(1)
+    flipped = (sa * sb < 0).flatten(1).any(1)
+    n = a.shape[0]
+    return {
+        "changed": float(changed.float().mean()) if n else float("nan"),
+        "flipped": float(flipped.float().mean()) if n else float("nan"),
+        "groups": n,
+    }
+
+
 # --------------------------------------------------------------------------------------------- listener
 
 
@@ -183,8 +207,17 @@ class ListenerReward:
 
     __name__ = "listener_reward"
 
-    def __init__(self, backend):
+    def __init__(
+        self,
+        backend,
+        group_size: int | None = None,
+        weights: tuple[float, float, float] = (1.0, 0.5, 0.5),
+        answer_format: str = "tags",
+    ):
         self.backend = backend
+        self.answer_format = answer_format
+        self.group_size = group_size  # set: also log how often this term changes the group ranking
+        self.weights = weights  # format, accuracy, listener (as in reward_weights)
 
     def __call__(self, completions, label, images, t2i_prompt, log_metric=None, **kwargs) -> list[float]:
         texts = [completion_text(c) for c in completions]
@@ -196,6 +229,15 @@ class ListenerReward:
             stats = contradiction_rate([extract_answer(t) for t in texts], probs)
             if stats["n"]:
                 log_metric("listener_disagreement", stats["contradiction_rate"])
+            if self.group_size and len(texts) % self.group_size == 0:
+                w_fmt, w_acc, w_list = self.weights
+                fmt = format_reward(texts, answer_format=self.answer_format)
+                acc = accuracy_reward(texts, label)
+                base = [w_fmt * f + w_acc * a for f, a in zip(fmt, acc)]
+                shaped = [b + w_list * float(r) for b, r in zip(base, rewards)]
+                change = ranking_changes(base, shaped, self.group_size)
+                log_metric("listener_rank_change", change["changed"])
+                log_metric("listener_rank_flip", change["flipped"])
         return [float(r) for r in rewards]
 
 
@@ -207,8 +249,12 @@ def make_listener_backend(cfg: RewardConfig, prompts: PromptsConfig, model=None,
     return LocalListener(model, processor, prompts, batch_size=cfg.listener_batch_size)
 
 
-def reward_functions(cfg: RewardConfig, prompts: PromptsConfig, listener_backend=None):
-    """The TRL ``reward_funcs`` list and matching ``reward_weights`` for a recipe."""
+def reward_functions(
+    cfg: RewardConfig, prompts: PromptsConfig, listener_backend=None, group_size: int | None = None
+):
+    """The TRL ``reward_funcs`` list and matching ``reward_weights`` for a recipe; with ``group_size`` the
+    listener term also logs the share of groups whose ranking it changes (``listener_rank_change``/``_flip``).
+    """
 
     def format_term(completions, **kwargs):
         return format_reward(completions, answer_format=prompts.answer_format)
@@ -218,7 +264,9 @@ def reward_functions(cfg: RewardConfig, prompts: PromptsConfig, listener_backend
     if cfg.use_listener:
         if listener_backend is None:
             raise ValueError("reward.use_listener=true needs a listener backend")
-        funcs.append(ListenerReward(listener_backend))
+        weights_all = (cfg.format_weight, cfg.accuracy_weight, cfg.listener_weight)
+        term = ListenerReward(listener_backend, group_size, weights_all, prompts.answer_format)
+        funcs.append(term)
         weights.append(cfg.listener_weight)
     return funcs, weights
 
@@ -232,6 +280,7 @@ __all__ = [
     "contradiction_rate",
     "format_reward",
     "make_listener_backend",
+    "ranking_changes",
     "reward_functions",
     "serve_listener",
 ]

@@ -3,9 +3,10 @@ scorer baseline, all ``Qwen2_5_VLForConditionalGeneration`` built from configs w
 tokenizer (``diffalign.core.tiny_vlm``), trained here on CPU.
 
 * **base VLM**: real recipes start from a pretrained VLM that can already describe an image. The shapes
-  stand-in for that pretraining is captioning: (image, "look at the image :") -> "a red circle" on
-  training colour-shape combinations only. Every model below starts from such a base; the listener from
-  its own (other seed, other images).
+  stand-in for that pretraining is captioning: (image, "look at the image :") -> "a red circle" on every
+  colour-shape combination (a pretrained VLM has seen all of them; only the preference data holds
+  combinations out, so the OOD split tests judgement, not perception). Every model below starts from such
+  a base; the listener from its own (other seed, other images, optionally a wider model).
 
 * **listener**: its own seed and its own preference pairs (never the reasoner's); trained to read
   (prompt, images, answer-free reasoning) and put the answer token on the image the reasoning supports,
@@ -63,10 +64,11 @@ def _sibling(out_dir: str | Path, suffix: str) -> Path:
     return out_dir.with_name(out_dir.name + suffix)
 
 
-def caption_items(n: int, seed: int, image_size: int = 16) -> list[dict]:
-    """Captioning data for the base VLM: one render of a training colour-shape combination each."""
+def caption_items(n: int, seed: int, image_size: int = 16, combos: str = "all") -> list[dict]:
+    """Captioning data for the base VLM: one render of a colour-shape combination of ``combos`` (a
+    :func:`shapes_combos` split; default every combination) each."""
     rng = random.Random(f"caption-{seed}")
-    combos = shapes_combos("train")
+    combos = shapes_combos(combos)
     items = []
     for _ in range(n):
         color, shape = rng.choice(combos)
@@ -94,10 +96,11 @@ def pretrain_base_vlm(
     num_images: int = 8192,
     lr: float = 3e-3,
     batch_size: int = 32,
+    sizes: dict | None = None,
 ):
-    """A fresh tiny VLM (``seed``) taught to caption shapes renders for ``steps`` steps; returns
-    ``(model, processor)``. ``steps=0`` returns the random initialisation."""
-    model, processor = new_tiny_vlm(seed, cfg)
+    """A fresh tiny VLM (``seed``; ``sizes`` override :data:`TINY_SIZES`) taught to caption shapes renders
+    for ``steps`` steps; returns ``(model, processor)``. ``steps=0`` returns the random initialisation."""
+    model, processor = new_tiny_vlm(seed, cfg, **(sizes or {}))
     if steps > 0:
         torch.manual_seed(seed)
         train_completions(
@@ -216,11 +219,14 @@ def train_listener(
     batch_size: int = 16,
     seed: int = 1000,
     base_steps: int = 0,
+    split: str = "train",
+    sizes: dict | None = None,
 ) -> Path:
-    """Train the independent listener on its own pairs and seed, from its own captioning base
-    (``base_steps``); save it (safetensors) to ``out_dir``."""
-    model, processor = pretrain_base_vlm(cfg, _sibling(out_dir, "-base-ckpt"), base_steps, seed)
-    pairs = make_shapes_pairs(num_pairs, "train", seed, cfg.data.image_size, cfg.data.annotator_noise)
+    """Train the independent listener on its own pairs (colour-shape combinations of ``split``; ``all``
+    makes it broader than the reasoner, whose preference data holds the OOD combinations out) and seed,
+    from its own captioning base (``base_steps``, ``sizes``); save it (safetensors) to ``out_dir``."""
+    model, processor = pretrain_base_vlm(cfg, _sibling(out_dir, "-base-ckpt"), base_steps, seed, sizes=sizes)
+    pairs = make_shapes_pairs(num_pairs, split, seed, cfg.data.image_size, cfg.data.annotator_noise)
     items = listener_items(pairs, cfg.prompts, seed)
     torch.manual_seed(seed)
     train_completions(

@@ -310,7 +310,7 @@ def run_grpo(cfg: ListenerRewardRecipe, pairs=None, listener_backend=None) -> Pa
         listener_backend = make_listener_backend(cfg.reward, cfg.prompts, listener, listener_processor)
     elif cfg.reward.use_listener and listener_backend is None:
         listener_backend = make_listener_backend(cfg.reward, cfg.prompts)
-    funcs, weights = reward_functions(cfg.reward, cfg.prompts, listener_backend)
+    funcs, weights = reward_functions(cfg.reward, cfg.prompts, listener_backend, cfg.grpo.num_generations)
     pairs = pairs if pairs is not None else load_pairs(cfg.data, "train")
     dataset = Dataset.from_list(grpo_rows(pairs, cfg.prompts))
     peft_config = None
