@@ -226,7 +226,7 @@ def test_merged_weights_and_fused_output_equal_diffusers_set_adapters(tmp_path):
     save_adapter(lora, tmp_path / "merged")
     one = tiny_sd_pipeline()
     one.load_lora_weights(str(tmp_path / "merged"), adapter_name="merged")
-    torch.testing.assert_close(_unet_out(one), ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(_unet_out(one), ref, atol=tol, rtol=1e-4)  # same fp32-order noise as above
 
 
 def test_peft_linear_combination_is_inexact_negative_control(tmp_path):
