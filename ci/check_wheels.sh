@@ -26,7 +26,7 @@ tiny_run() {
     diffalign-ecad)
       "$bin/diffalign" ecad search shapes_dit --run-dir "$out/run" --set search.generations=1 \
         --set search.population_size=4 --set calibration.num_prompts=2 --set calibration.num_seeds=1 \
-        --set sampling.num_inference_steps=4 --set search.seed_heuristics=false --set sampling.batch_size=2 ;;
+        --set search.seed_heuristics=false --set sampling.batch_size=2 ;;
     diffalign-selma)
       "$bin/diffalign" selma run shapes_unet --run-dir "$out/run" --set "skills=[{name: count, max_words: 12}]" \
         --set prompts.n_per_skill=2 --set train.steps=1 --set train.batch_size=2 --set train.checkpoint_every=1 \

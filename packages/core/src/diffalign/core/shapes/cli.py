@@ -94,10 +94,9 @@ def sample(
     import torch
     from tqdm.auto import tqdm
 
-    from diffalign.core.models import resolve_model_path
+    from diffalign.core.models import load_pipeline, resolve_model_path
 
     from ._util import save_grid
-    from .evaluate import load_shapes_pipeline
     from .grammar import parse_prompt
     from .teachers import sample_pipeline
 
@@ -114,7 +113,7 @@ def sample(
     except (ValueError, FileNotFoundError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(code=2) from None
-    pipe = load_shapes_pipeline(path)
+    pipe = load_pipeline(path)  # float32, loading report checked
     prompts = [p for p in prompt for _ in range(n)]
     rows = []
     for row, text in enumerate(tqdm(prompt, desc="sampling", unit="prompt", disable=None)):
