@@ -272,3 +272,24 @@ def test_readme_blocks_are_marked():
 def test_readme_block_runs(code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README", "exec"), {"__name__": "__readme__"})
+
+
+# ------------------------------------------------------------------ package metadata
+
+
+def test_package_pages_render_on_the_index():
+    """Every package: LICENSE beside its pyproject, the same canonical URL, no relative README links."""
+    import tomllib
+
+    license_text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in license_text and "Version 2.0" in license_text
+    homes = set()
+    for pyproject in sorted(ROOT.glob("packages/*/pyproject.toml")):
+        package = pyproject.parent
+        assert (package / "LICENSE").read_text() == license_text, package.name
+        meta = tomllib.loads(pyproject.read_text())["project"]
+        homes.add(meta["urls"]["Homepage"])
+        assert any(c.startswith("License :: OSI Approved :: Apache") for c in meta["classifiers"])
+        relative = re.findall(r"\]\((?!https?://|#)([^)]+)\)", (package / "README.md").read_text())
+        assert not relative, f"{package.name} README has relative links {relative}"
+    assert homes == {"https://github.com/diffalign/diffalign"}
