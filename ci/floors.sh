@@ -6,6 +6,7 @@
 #
 #   bash ci/floors.sh                 # floors read from packages/*/pyproject.toml
 #   FLOOR_OVERRIDES="transformers==5.10.1" bash ci/floors.sh    # try other pins (bisecting a floor)
+#   VENV=/tmp/floors KEEP=1 bash ci/floors.sh                  # keep / reuse one venv between tries
 #
 # torch: the declared floor is installed only when TORCH_SPEC says so (e.g. TORCH_SPEC=torch==2.4.0 with
 # PIP_INDEX_URL pointing at a CPU wheel index); by default the local CPU wheel torch==2.13.0 is used, because
@@ -37,12 +38,15 @@ for override in ${FLOOR_OVERRIDES:-}; do
 done
 pins=$(printf '%s\n' $pins | sort)
 work=$(mktemp -d)
-trap '[ "$KEEP" = 1 ] || rm -rf "$work"' EXIT
+venv=${VENV:-$work/venv}
+trap '[ "$KEEP" = 1 ] || rm -rf "$work"' EXIT  # a VENV you pass is never removed
 printf '%s\n' $pins > "$work/constraints.txt"
 echo "floors under test: $TORCH_SPEC $(tr '\n' ' ' < "$work/constraints.txt")"
-$PYTHON -m venv "$work/venv"
-py="$work/venv/bin/python"
+[ -x "$venv/bin/python" ] || $PYTHON -m venv "$venv"
+py="$venv/bin/python"
 "$py" -m pip install --quiet "$TORCH_SPEC"
+# the pins as requirements too, so a reused venv moves to them
+"$py" -m pip install --quiet $(cat "$work/constraints.txt")
 "$py" -m pip install --quiet -c "$work/constraints.txt" \
   -e packages/core -e packages/listener-reward -e packages/selma -e packages/di-star -e packages/mlcm \
   -e packages/ecad pytest pytest-timeout
