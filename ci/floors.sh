@@ -57,6 +57,7 @@ export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
   "tests/integration/test_pip_user.py::test_readme_block_runs" \
   "tests/integration/test_pip_user.py::test_config_validate_accepts_every_shipped_recipe" \
   packages/listener-reward/tests/test_vlm.py \
+  packages/listener-reward/tests/test_train.py \
   packages/selma/tests/test_merge.py \
   packages/mlcm/tests/test_scheduler.py
 "$py" -c "from trl import GRPOConfig, GRPOTrainer; print('trl GRPOTrainer imports')"
