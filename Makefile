@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 PACKAGES := core listener-reward selma di-star mlcm ecad
-DEV_TOOLS := "pytest>=8" pytest-timeout ruff build twine hatchling deepspeed
+DEV_TOOLS := "pytest>=8" pytest-timeout ruff build twine hatchling deepspeed openai
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONDONTWRITEBYTECODE := 1

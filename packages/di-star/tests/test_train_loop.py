@@ -89,7 +89,7 @@ def test_cli_train_missing_teacher_is_clear(tmp_path):
         "data:\n  num_prompts: 4\n"
     )
     result = CliRunner().invoke(app, ["train", str(recipe)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a missing model folder is bad input, reported before loading
     assert "nope" in result.output
 
 

@@ -2,6 +2,7 @@ import itertools
 import json
 import random
 import threading
+import types
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
@@ -181,6 +182,7 @@ def test_retry_with_backoff_then_report():
 class _StubHandler(BaseHTTPRequestHandler):
     requests: list = []
     failures_left = 0
+    failure_status = 503
 
     def log_message(self, *args):
         pass
@@ -190,7 +192,7 @@ class _StubHandler(BaseHTTPRequestHandler):
         type(self).requests.append((self.path, body, self.headers.get("Authorization")))
         if type(self).failures_left > 0:
             type(self).failures_left -= 1
-            self.send_response(503)
+            self.send_response(type(self).failure_status)
             self.end_headers()
             self.wfile.write(b"overloaded")
             return
@@ -217,6 +219,7 @@ def stub_server():
     server = HTTPServer(("127.0.0.1", 0), _StubHandler)
     _StubHandler.requests = []
     _StubHandler.failures_left = 0
+    _StubHandler.failure_status = 503
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}/v1", _StubHandler
@@ -225,6 +228,7 @@ def stub_server():
 
 @pytest.mark.parametrize("mode", ["completions", "chat"])
 def test_openai_backend_against_stub_server(tmp_path, stub_server, mode, monkeypatch):
+    pytest.importorskip("openai")
     url, handler = stub_server
     monkeypatch.setenv("SELMA_TEST_KEY", "sk-test")
     handler.failures_left = 1
@@ -243,6 +247,7 @@ def test_openai_backend_against_stub_server(tmp_path, stub_server, mode, monkeyp
 
 
 def test_openai_backend_reports_persistent_error(tmp_path, stub_server):
+    pytest.importorskip("openai")
     url, handler = stub_server
     handler.failures_left = 100
     backend = P.OpenAIBackend("m", base_url=url, api_key_env=None)
@@ -251,6 +256,68 @@ def test_openai_backend_reports_persistent_error(tmp_path, stub_server):
         P.generate_skill_prompts(skill, backend, 2, tmp_path, retries=1, backoff_s=0.0)
     # nothing was accepted, and no state claims progress
     assert not (tmp_path / "general.jsonl").exists()
+
+
+def test_openai_backend_does_not_retry_4xx(tmp_path, stub_server, monkeypatch):
+    """A 401 is answered once and reported; the same run with a 503 would be retried (control above)."""
+    pytest.importorskip("openai")
+    url, handler = stub_server
+    monkeypatch.setenv("SELMA_TEST_KEY", "sk-wrong")
+    handler.failures_left = 100
+    handler.failure_status = 401
+    backend = P.OpenAIBackend("m", base_url=url, api_key_env="SELMA_TEST_KEY")
+    skill = P.SkillSpec("general", "x", seeds=("a dog",))
+    with pytest.raises(P.PromptBackendFatalError, match="HTTP 401"):
+        P.generate_skill_prompts(skill, backend, 2, tmp_path, retries=3, backoff_s=0.0)
+    assert len(handler.requests) == 1
+
+
+class _FakeStatusError(Exception):
+    def __init__(self, status_code):
+        super().__init__(f"status {status_code}")
+        self.status_code = status_code
+
+
+class _FakeClient:
+    """Stands in for openai.OpenAI: fails with the given statuses, then answers."""
+
+    def __init__(self, statuses):
+        self.statuses = list(statuses)
+        self.calls = 0
+        self.completions = self
+
+    def create(self, **kwargs):
+        self.calls += 1
+        if self.statuses:
+            raise _FakeStatusError(self.statuses.pop(0))
+        choice = types.SimpleNamespace(text=" a dog near a cat\n5. a kite on a boat", finish_reason="stop")
+        return types.SimpleNamespace(choices=[choice])
+
+
+@pytest.mark.parametrize(
+    ("statuses", "retried"),
+    [([429, 500], True), ([408], True), ([400], False), ([403], False), ([404], False)],
+)
+def test_openai_backend_retry_policy(statuses, retried):
+    client = _FakeClient(statuses)
+    backend = P.OpenAIBackend("m", api_key_env=None, client=client)
+    skill = P.SkillSpec("general", "x", seeds=("a dog",))
+    request = P.PromptRequest(skill, "1. a dog\n2.", ["a dog"], 2, seed=0)
+    if retried:
+        reply = P.call_with_retry(backend, request, retries=3, sleep=lambda s: None)
+        assert "kite" in reply.text and client.calls == len(statuses) + 1
+    else:
+        with pytest.raises(P.PromptBackendFatalError, match=f"HTTP {statuses[0]}"):
+            P.call_with_retry(backend, request, retries=3, sleep=lambda s: None)
+        assert client.calls == 1
+
+
+def test_openai_backend_refuses_to_start_without_key(monkeypatch):
+    monkeypatch.delenv("SELMA_MISSING_KEY", raising=False)
+    with pytest.raises(P.PromptBackendFatalError, match="SELMA_MISSING_KEY"):
+        P.OpenAIBackend("m", api_key_env="SELMA_MISSING_KEY", client=_FakeClient([]))
+    monkeypatch.setenv("SELMA_MISSING_KEY", "sk-x")
+    P.OpenAIBackend("m", api_key_env="SELMA_MISSING_KEY", client=_FakeClient([]))  # starts with a key
 
 
 def test_hf_backend_plumbing_with_tiny_local_lm(tmp_path):

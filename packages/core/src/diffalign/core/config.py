@@ -9,10 +9,13 @@ directory.
 
 from __future__ import annotations
 
+import inspect
 import json
+import os
 import sys
 import typing
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,6 +35,11 @@ __all__ = [
     "parse_overrides",
     "apply_overrides",
     "config_schema",
+    "Component",
+    "check_components",
+    "list_recipes",
+    "recipe_dirs",
+    "resolve_recipe",
 ]
 
 T = TypeVar("T", bound=BaseModel)
@@ -198,3 +206,211 @@ def save_config(cfg: BaseModel, run_dir: str | Path, name: str = "config.yaml") 
 
 def config_schema(cls: type[BaseModel]) -> dict[str, Any]:
     return cls.model_json_schema()
+
+
+# --------------------------------------------------------------------------- built-in recipes
+
+RECIPE_SUFFIXES = (".yaml", ".yml", ".toml", ".json")
+
+
+def _method_package(method: str) -> str:
+    """Import name of a method's package (``mlcm`` -> ``diffalign.mlcm``), from its config entry point."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="diffalign.configs"):
+        if ep.name == method:
+            return ep.module.rsplit(".", 1)[0]
+    return "diffalign." + method.replace("-", "_")
+
+
+def recipe_dirs(method: str) -> list[Path]:
+    """Folders holding ``method``'s built-in recipes: the installed package data (``diffalign/<m>/recipes``
+    inside the wheel), then the source checkout's ``packages/<m>/recipes`` (editable installs)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(_method_package(method))
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    dirs = []
+    for location in spec.submodule_search_locations:
+        package_dir = Path(location)
+        for candidate in (package_dir / "recipes", package_dir.parents[2] / "recipes"):
+            if candidate.is_dir() and candidate not in dirs:
+                dirs.append(candidate)
+    return dirs
+
+
+def list_recipes(method: str) -> dict[str, Path]:
+    """Built-in recipe names of ``method`` (file stem) -> file; the installed copy wins over the checkout's."""
+    found: dict[str, Path] = {}
+    for folder in recipe_dirs(method):
+        for path in sorted(folder.iterdir()):
+            if path.suffix in RECIPE_SUFFIXES and path.is_file():
+                found.setdefault(path.stem, path)
+    return dict(sorted(found.items()))
+
+
+def resolve_recipe(method: str, recipe: str | Path) -> Path:
+    """A recipe file path, or the name of one of ``method``'s built-in recipes (``shapes_unet``)."""
+    path = Path(recipe).expanduser()
+    if path.is_file():
+        return path
+    text = str(recipe)
+    if path.is_dir():
+        raise ConfigError(f"recipe path is a directory, expected a .yaml/.yml/.toml/.json file: {path}")
+    builtin = list_recipes(method)
+    if "/" not in text and os.sep not in text:
+        stem = text
+        if Path(text).suffix in RECIPE_SUFFIXES:
+            stem = Path(text).stem
+        if stem in builtin:
+            return builtin[stem]
+    names = ", ".join(builtin) or "none found"
+    raise ConfigError(
+        f"recipe {text!r} is neither a file nor a built-in {method} recipe (built-in: {names}; "
+        f"`diffalign {method} recipes` lists them)"
+    )
+
+
+# --------------------------------------------------------------------------- named components
+
+
+@dataclass(frozen=True)
+class Component:
+    """A model or reward that a recipe names, checked before anything is loaded.
+
+    ``key`` is the recipe key holding the name (``reward.name``); ``kwargs_key`` the key of the keyword
+    arguments passed to a reward factory (``reward.kwargs``); ``hint`` says where to get the model.
+    """
+
+    kind: str  # "reward" or "model"
+    key: str
+    name: str
+    kwargs: Mapping[str, Any] | None = None
+    kwargs_key: str | None = None
+    hint: str = ""
+
+
+def _is_local_path(text: str) -> bool:
+    return text.startswith((".", "/", "~")) or text.count("/") != 1 or Path(text).expanduser().exists()
+
+
+def _reward_factory(name: str) -> Any:
+    """The factory a reward name resolves to, without calling it (so no model is loaded)."""
+    if ":" in name:
+        import importlib
+
+        module, _, attr = name.partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as err:
+            raise ConfigError(f"reward factory {name!r} cannot be imported: {err}") from None
+    from importlib.metadata import entry_points
+
+    from . import rewards
+
+    factory = rewards._REGISTRY.get(name)
+    if factory is not None:
+        return factory
+    for ep in entry_points(group=rewards.ENTRY_POINT_GROUP):
+        if ep.name == name:
+            return ep.load()
+    available = ", ".join(rewards.list_rewards()) or "none"
+    raise ConfigError(f"unknown reward {name!r}; available rewards: {available}")
+
+
+def _path_parameters(factory: Any) -> list[str]:
+    """Parameters of ``factory`` annotated as file-system paths (``str | os.PathLike``)."""
+    return [
+        p.name
+        for p in inspect.signature(factory).parameters.values()
+        if "PathLike" in str(p.annotation) or "Path" == str(p.annotation)
+    ]
+
+
+def check_components(components: Iterable[Component], *, files: bool = True) -> list[str]:
+    """One line per problem with the named models and rewards; empty when every one can be built.
+
+    Always checked: each reward is known and its factory's signature binds the recipe's keyword arguments
+    (missing or unknown arguments). With ``files``, also that every local path argument and local model
+    folder exists (and, with ``HF_HUB_OFFLINE=1``, that hub ids are in the local cache). Nothing is loaded.
+    """
+    problems = []
+    for comp in components:
+        if comp.kind == "reward":
+            problems += _check_reward(comp, files)
+        elif comp.kind == "model" and files:
+            problems += _check_model(comp)
+    return problems
+
+
+def _check_reward(comp: Component, files: bool) -> list[str]:
+    kwargs = dict(comp.kwargs or {})
+    where = comp.kwargs_key or f"{comp.key} arguments"
+    try:
+        factory = _reward_factory(comp.name)
+    except ConfigError as err:
+        return [f"{comp.key}: {err}"]
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return []
+    try:
+        signature.bind(**kwargs)
+    except TypeError as err:
+        text = str(err)
+        missing = [
+            p.name
+            for p in signature.parameters.values()
+            if p.default is p.empty
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and p.name not in kwargs
+        ]
+        if missing:
+            arg = missing[0]
+            return [
+                f"{comp.key}: reward {comp.name!r} needs the argument {arg!r}; give it in the recipe under "
+                f"{where}.{arg} or with --set {where}.{arg}=VALUE" + (f" ({comp.hint})" if comp.hint else "")
+            ]
+        return [f"{comp.key}: reward {comp.name!r} does not take these arguments ({where}): {text}"]
+    if not files:
+        return []
+    problems = []
+    for arg in _path_parameters(factory):
+        value = kwargs.get(arg)
+        if isinstance(value, (str, os.PathLike)) and not Path(value).expanduser().exists():
+            problems.append(
+                f"{where}.{arg}: {comp.name} path not found: {value}; weights are never downloaded at run "
+                f"time, so copy them to a local folder and give it with --set {where}.{arg}=PATH"
+                + (f" ({comp.hint})" if comp.hint else "")
+            )
+    return problems
+
+
+def _check_model(comp: Component) -> list[str]:
+    text = str(comp.name)
+    if text.startswith("shapes/"):
+        return []
+    if _is_local_path(text):
+        if not Path(text).expanduser().is_dir():
+            return [
+                f"{comp.key}: model folder not found: {text}; give a local diffusers/transformers folder with "
+                f"--set {comp.key}=DIR" + (f" ({comp.hint})" if comp.hint else "")
+            ]
+        return []
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    if not offline:
+        return []
+    root = os.environ.get("DIFFALIGN_MODEL_ROOT")
+    if root and (Path(root) / text).is_dir():
+        return []
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(text, local_files_only=True)
+    except Exception:
+        return [
+            f"{comp.key}: model {text!r} is not in the local cache and HF_HUB_OFFLINE=1; download it "
+            f"(`hf download {text} --local-dir DIR`) and give it with --set {comp.key}=DIR"
+        ]
+    return []

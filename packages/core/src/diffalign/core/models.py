@@ -19,6 +19,8 @@ __all__ = [
     "ArchitectureSpec",
     "ARCHITECTURES",
     "ModelNotFoundError",
+    "WeightLoadingError",
+    "check_loading_info",
     "resolve_model_path",
     "load_pipeline",
     "load_unet",
@@ -149,6 +151,67 @@ class ModelNotFoundError(FileNotFoundError):
     """A model id or path could not be found locally (and downloading is off or failed)."""
 
 
+class WeightLoadingError(ValueError):
+    """A checkpoint's weights do not match the model built from its config (missing, unexpected or
+    mis-shaped tensors): the model would run with freshly initialised weights, so loading stops."""
+
+
+def check_loading_info(info: Any, what: str) -> None:
+    """Raise ``WeightLoadingError`` when a ``from_pretrained(..., output_loading_info=True)`` report lists
+    missing, unexpected or mismatched weights (transformers and diffusers use the same keys)."""
+    problems = []
+    for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        items = sorted(str(k) for k in (info or {}).get(key) or ())
+        if items:
+            shown = ", ".join(items[:4]) + (f" (+{len(items) - 4} more)" if len(items) > 4 else "")
+            problems.append(f"{len(items)} {key.replace('_', ' ')}: {shown}")
+    if problems:
+        from importlib.metadata import version
+
+        raise WeightLoadingError(
+            f"{what}: the checkpoint does not match the model ({'; '.join(problems)}). The model would run "
+            f"with newly initialised weights; check the folder, or the installed libraries "
+            f"(transformers {version('transformers')}, diffusers {version('diffusers')}) against the "
+            "versions diffalign declares"
+        )
+
+
+def _from_pretrained_checked(cls: Any, path: Path, what: str, **kwargs: Any) -> Any:
+    model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+    check_loading_info(info, what)
+    return model
+
+
+def _pipeline_models(path: Path, dtype: torch.dtype, skip: Any) -> dict[str, Any]:
+    """Every transformers/diffusers model of a pipeline folder, loaded with a checked loading report."""
+    import json
+
+    import diffusers
+    import transformers
+
+    index = json.loads((path / "model_index.json").read_text())
+    models = {}
+    for name, entry in index.items():
+        if name.startswith("_") or name in skip or not isinstance(entry, list) or len(entry) != 2:
+            continue
+        library, class_name = entry
+        if library == "transformers":
+            cls = getattr(transformers, str(class_name), None)
+            if cls is None or not issubclass(cls, transformers.PreTrainedModel):
+                continue
+            kwargs = {"dtype": dtype}
+        elif library == "diffusers":
+            cls = getattr(diffusers, str(class_name), None)
+            if cls is None or not issubclass(cls, diffusers.ModelMixin):
+                continue
+            kwargs = {"torch_dtype": dtype}
+        else:
+            continue
+        if (path / name).is_dir():
+            models[name] = _from_pretrained_checked(cls, path / name, f"{path}/{name}", **kwargs)
+    return models
+
+
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
@@ -191,12 +254,6 @@ def resolve_model_path(source: str | os.PathLike) -> Path:
         ) from None
 
 
-def _to(module: Any, dtype: torch.dtype | None, device: str | torch.device | None) -> Any:
-    if device is not None:
-        module = module.to(device)
-    return module.to(dtype=dtype if dtype is not None else torch.float32)
-
-
 def load_pipeline(
     source: str | os.PathLike,
     dtype: torch.dtype | None = None,
@@ -205,6 +262,9 @@ def load_pipeline(
     **kwargs: Any,
 ):
     """Load a diffusers pipeline; progress bar off, safety checker kept as the folder defines it.
+
+    Each model component is loaded with its loading report checked: a checkpoint with missing,
+    unexpected or mis-shaped weights raises ``WeightLoadingError`` instead of running half-initialised.
 
     Every component is cast to ``dtype`` (float32 when not given), whatever precision its weights were
     stored in: transformers text encoders otherwise keep their stored dtype while diffusers models are
@@ -215,6 +275,8 @@ def load_pipeline(
     path = resolve_model_path(source)
     cls = pipeline_class or DiffusionPipeline
     kwargs.setdefault("torch_dtype", dtype if dtype is not None else torch.float32)
+    if (path / "model_index.json").is_file():
+        kwargs = {**_pipeline_models(path, kwargs["torch_dtype"], skip=set(kwargs)), **kwargs}
     pipe = cls.from_pretrained(path, **kwargs)
     if device is not None:
         pipe = pipe.to(device)
@@ -227,8 +289,8 @@ def _load_component(source, subfolder, cls, dtype, device):
     sub = path / subfolder if subfolder and (path / subfolder).is_dir() else path
     if not (sub / "config.json").exists():
         raise ModelNotFoundError(f"{source}: no {subfolder or 'model'} config.json under {path}")
-    model = cls.from_pretrained(sub)
-    return _to(model, dtype, device)
+    model = _from_pretrained_checked(cls, sub, str(sub), torch_dtype=dtype or torch.float32)
+    return model.to(device) if device is not None else model
 
 
 def load_unet(source, dtype=None, device=None, subfolder: str = "unet"):
@@ -290,7 +352,9 @@ def load_vlm(
         processor = AutoProcessor.from_pretrained(
             path, trust_remote_code=trust_remote_code, **(processor_kwargs or {})
         )
-        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+        model = _from_pretrained_checked(AutoModelForImageTextToText, path, str(path), **kwargs)
+    except WeightLoadingError:  # the folder loaded, with missing or unexpected weights: say that, not "missing"
+        raise
     except (OSError, ValueError) as err:  # missing files / no processor files in the folder
         raise ModelNotFoundError(
             f"could not load VLM {str(path)!r}: {err}. Offline, pass a local directory holding the model "

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import typer
 
-from diffalign.core.cli import ConfigArgument, RunDirOption, SetOption, load_config_or_exit
+from diffalign.core.cli import (
+    RunDirOption,
+    add_recipes_command,
+    load_recipe_or_exit,
+    recipe_argument,
+    set_option,
+    version_callback,
+)
+from diffalign.core.config import Component
 
 app = typer.Typer(
     name="di-star",
@@ -14,6 +22,31 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+add_recipes_command(app, "di-star")
+
+
+@app.callback()
+def _root(
+    show_version: bool = typer.Option(
+        False,
+        "--version",
+        callback=version_callback("diffalign-di-star"),
+        is_eager=True,
+        help="Print the version.",
+    ),
+) -> None:
+    """Diff-Instruct*: reward post-training of one-step generators with a score-divergence regulariser."""
+
+
+def recipe_components(cfg) -> list[Component]:
+    """The models and the reward a recipe names (checked before anything loads)."""
+    comps = [Component("model", "model.teacher", cfg.model.teacher)]
+    if cfg.model.generator_init:
+        comps.append(Component("model", "model.generator_init", cfg.model.generator_init))
+    if cfg.model.fake_init:
+        comps.append(Component("model", "model.fake_init", cfg.model.fake_init))
+    comps.append(Component("reward", "reward.name", cfg.reward.name, cfg.reward.kwargs, "reward.kwargs"))
+    return comps
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -23,16 +56,14 @@ def _fail(message: str, code: int = 1) -> None:
 
 @app.command()
 def train(
-    recipe: Path = ConfigArgument,
-    overrides: list[str] = SetOption,
+    recipe: str = recipe_argument("di-star"),
+    overrides: list[str] = set_option("loss.alpha_rew=10 --set training.max_steps=100"),
     run_dir: Path = RunDirOption,
 ) -> None:
     """Train (or resume) a one-step generator from a recipe; exports RUN_DIR/generator."""
     from .config import DiStarConfig
 
-    if run_dir is not None:
-        overrides = [*(overrides or []), f"run_dir={run_dir}"]
-    cfg = load_config_or_exit(DiStarConfig, recipe, overrides or [])
+    cfg = load_recipe_or_exit("di-star", DiStarConfig, recipe, overrides, run_dir, recipe_components)
     from .train import train as run_training
 
     try:

@@ -7,9 +7,14 @@ from pathlib import Path
 
 import typer
 
-from diffalign.core.cli import load_config_or_exit
-
-from .config import EcadRecipe
+from diffalign.core.cli import (
+    add_recipes_command,
+    load_recipe_or_exit,
+    recipe_argument,
+    set_option,
+    version_callback,
+)
+from diffalign.core.config import Component
 
 app = typer.Typer(
     name="ecad",
@@ -17,21 +22,48 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+add_recipes_command(app, "ecad")
+
+
+@app.callback()
+def _root(
+    show_version: bool = typer.Option(
+        False,
+        "--version",
+        callback=version_callback("diffalign-ecad"),
+        is_eager=True,
+        help="Print the version.",
+    ),
+) -> None:
+    """ECAD: evolutionary search of per-model feature-caching schedules for diffusion transformers."""
+
+
+def recipe_components(cfg) -> list[Component]:
+    """The transformer and the quality reward a recipe names (checked before anything loads)."""
+    return [
+        Component("model", "model.source", cfg.model.source),
+        Component(
+            "reward", "quality.reward", cfg.quality.reward, cfg.quality.reward_kwargs, "quality.reward_kwargs"
+        ),
+    ]
+
 
 _WORKER_ENV = "DIFFALIGN_ECAD_WORKER"
 
 
 @app.command()
 def search(
-    recipe: Path = typer.Argument(..., help="Recipe file (.yaml/.toml/.json)"),
-    overrides: list[str] = typer.Option(None, "--set", "-s", help="Dotted override, repeatable"),
+    recipe: str = recipe_argument("ecad"),
+    overrides: list[str] = set_option("search.generations=5"),
     run_dir: str = typer.Option(None, "--run-dir", help="Run directory (overrides the recipe's run_dir)"),
 ) -> None:
     """Run (or resume) an NSGA-II schedule search; writes front.json, front.png and chosen/ schedules."""
+    from .config import EcadRecipe
+
     overrides = list(overrides or [])
     if run_dir is not None:
         overrides.append(f"run_dir={run_dir}")
-    cfg = load_config_or_exit(EcadRecipe, recipe, overrides)
+    cfg = load_recipe_or_exit("ecad", EcadRecipe, recipe, overrides, None, recipe_components)
     if cfg.launch.launcher != "none" and os.environ.get(_WORKER_ENV) != "1":
         from diffalign.core.launch import launch
 

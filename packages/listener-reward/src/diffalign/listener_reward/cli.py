@@ -7,8 +7,14 @@ from pathlib import Path
 
 import typer
 
-from diffalign.core.cli import load_config_or_exit
-from diffalign.listener_reward.config import RECIPE_CONFIG
+from diffalign.core.cli import (
+    add_recipes_command,
+    load_recipe_or_exit,
+    recipe_argument,
+    set_option,
+    version_callback,
+)
+from diffalign.core.config import Component
 
 app = typer.Typer(
     name="listener-reward",
@@ -16,13 +22,42 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+add_recipes_command(app, "listener-reward")
 
-ConfigArg = typer.Argument(..., help="Recipe file (.yaml/.toml/.json)")
-SetOpt = typer.Option(None, "--set", "-s", help="Dotted override, repeatable: --set grpo.beta=0.0")
+ConfigArg = recipe_argument("listener-reward")
+SetOpt = set_option("grpo.beta=0.0")
 
 
-def _cfg(path, overrides):
-    return load_config_or_exit(RECIPE_CONFIG, path, overrides or [])
+@app.callback()
+def _root(
+    show_version: bool = typer.Option(
+        False,
+        "--version",
+        callback=version_callback("diffalign-listener-reward"),
+        is_eager=True,
+        help="Print the version.",
+    ),
+) -> None:
+    """Listener-shaped GRPO for VLM image-preference judges (arXiv 2506.22832)."""
+
+
+def recipe_components(cfg) -> list[Component]:
+    """The reasoner and listener VLMs a recipe names (checked before anything loads)."""
+    return [
+        Component("model", "model.reasoner", cfg.model.reasoner),
+        Component("model", "model.listener", cfg.model.listener),
+    ]
+
+
+def _cfg(path, overrides, run_dir_key: str | None = None, run_dir: Path | None = None, check: bool = True):
+    from diffalign.listener_reward.config import RECIPE_CONFIG
+
+    extra = list(overrides or [])
+    if run_dir is not None and run_dir_key:
+        extra.append(f"{run_dir_key}={run_dir}")
+    return load_recipe_or_exit(
+        "listener-reward", RECIPE_CONFIG, path, extra, None, recipe_components if check else None
+    )
 
 
 def _load_judge(cfg, checkpoint: str | None):
@@ -43,7 +78,7 @@ def _load_judge(cfg, checkpoint: str | None):
 
 @app.command("build-models")
 def build_models(
-    recipe: Path = ConfigArg,
+    recipe: str = ConfigArg,
     overrides: list[str] = SetOpt,
     listener_steps: int = typer.Option(
         2000, help="listener training steps (it starts following the reasoning near 600 x 32)"
@@ -60,7 +95,7 @@ def build_models(
     from diffalign.listener_reward.modeling import shapes_models_dir
     from diffalign.listener_reward.shapes_models import build_reasoner_init, train_listener
 
-    cfg = _cfg(recipe, overrides)
+    cfg = _cfg(recipe, overrides, check=False)
     root = shapes_models_dir()
     save_config(cfg, root)
     typer.echo(f"reasoner init: {build_reasoner_init(cfg, root / 'reasoner', base_steps=base_steps)}")
@@ -76,30 +111,42 @@ def build_models(
 
 
 @app.command()
-def sft(recipe: Path = ConfigArg, overrides: list[str] = SetOpt) -> None:
+def sft(
+    recipe: str = ConfigArg,
+    overrides: list[str] = SetOpt,
+    run_dir: Path = typer.Option(
+        None, "--run-dir", help="Output folder of the SFT run (sets sft.output_dir)"
+    ),
+) -> None:
     """SFT warm-up of the reasoner."""
     from diffalign.core.config import save_config
     from diffalign.listener_reward.train import run_sft
 
-    cfg = _cfg(recipe, overrides)
+    cfg = _cfg(recipe, overrides, "sft.output_dir", run_dir)
     save_config(cfg, cfg.sft.output_dir)
     typer.echo(f"saved {run_sft(cfg)}")
 
 
 @app.command()
-def train(recipe: Path = ConfigArg, overrides: list[str] = SetOpt) -> None:
+def train(
+    recipe: str = ConfigArg,
+    overrides: list[str] = SetOpt,
+    run_dir: Path = typer.Option(
+        None, "--run-dir", help="Output folder of the GRPO run (sets grpo.output_dir)"
+    ),
+) -> None:
     """GRPO with format + accuracy (+ listener) rewards, TRL GRPOTrainer; resumes from the last checkpoint."""
     from diffalign.core.config import save_config
     from diffalign.listener_reward.train import run_grpo
 
-    cfg = _cfg(recipe, overrides)
+    cfg = _cfg(recipe, overrides, "grpo.output_dir", run_dir)
     save_config(cfg, cfg.grpo.output_dir)
     typer.echo(f"saved {run_grpo(cfg)}")
 
 
 @app.command("eval")
 def evaluate(
-    recipe: Path = ConfigArg,
+    recipe: str = ConfigArg,
     overrides: list[str] = SetOpt,
     checkpoint: str = typer.Option(None, help="reasoner to evaluate (default eval.checkpoint or grpo final)"),
 ) -> None:
@@ -133,7 +180,7 @@ def evaluate(
 
 @app.command()
 def judge(
-    recipe: Path = ConfigArg,
+    recipe: str = ConfigArg,
     prompt: str = typer.Option(..., help="text-to-image prompt"),
     image_a: Path = typer.Option(..., exists=True, dir_okay=False, help="image 1"),
     image_b: Path = typer.Option(..., exists=True, dir_okay=False, help="image 2"),
@@ -161,7 +208,7 @@ def judge(
 
 @app.command("serve-listener")
 def serve(
-    recipe: Path = ConfigArg,
+    recipe: str = ConfigArg,
     overrides: list[str] = SetOpt,
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(8765),

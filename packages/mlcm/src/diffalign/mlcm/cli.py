@@ -6,7 +6,15 @@ from pathlib import Path
 
 import typer
 
-from diffalign.core.cli import load_config_or_exit
+from diffalign.core.cli import (
+    RunDirOption,
+    add_recipes_command,
+    load_recipe_or_exit,
+    recipe_argument,
+    set_option,
+    version_callback,
+)
+from diffalign.core.config import Component
 
 app = typer.Typer(
     name="mlcm",
@@ -14,26 +22,40 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+add_recipes_command(app, "mlcm")
+
+
+@app.callback()
+def _root(
+    show_version: bool = typer.Option(
+        False,
+        "--version",
+        callback=version_callback("diffalign-mlcm"),
+        is_eager=True,
+        help="Print the version.",
+    ),
+) -> None:
+    """Multistep latent consistency distillation (MLCM/TLCM): a 2-8 step student from prompts only."""
+
+
+def recipe_components(cfg) -> list[Component]:
+    """The teacher and the optional reward a recipe names (checked before anything loads)."""
+    comps = [Component("model", "model.source", cfg.model.source)]
+    if cfg.reward.name:
+        comps.append(Component("reward", "reward.name", cfg.reward.name, cfg.reward.kwargs, "reward.kwargs"))
+    return comps
 
 
 @app.command()
 def distill(
-    recipe: Path = typer.Argument(..., help="Recipe file (.yaml, .toml or .json)"),
-    overrides: list[str] = typer.Option(
-        None, "--set", "-s", help="Dotted override, e.g. --set stage1.iterations=10"
-    ),
-    run_dir: str = typer.Option(None, "--run-dir", help="Run directory (overrides the recipe's run_dir)"),
+    recipe: str = recipe_argument("mlcm"),
+    overrides: list[str] = set_option("stage1.iterations=10"),
+    run_dir: str = RunDirOption,
 ) -> None:
     """Distil the recipe's teacher into a multistep student (resumes from the latest checkpoint)."""
     from .config import MLCMRecipe
 
-    if not recipe.is_file():
-        typer.echo(f"error: recipe file not found: {recipe}", err=True)
-        raise typer.Exit(code=2)
-    extra = list(overrides or [])
-    if run_dir:
-        extra.append(f"run_dir={run_dir}")
-    cfg = load_config_or_exit(MLCMRecipe, recipe, extra)
+    cfg = load_recipe_or_exit("mlcm", MLCMRecipe, recipe, overrides, run_dir, recipe_components)
     from diffalign.core.models import ModelNotFoundError
 
     from .train import train

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
-from diffalign.core.cli import load_config_or_exit
+from diffalign.core.cli import (
+    add_recipes_command,
+    load_recipe_or_exit,
+    recipe_argument,
+    set_option,
+    version_callback,
+)
+from diffalign.core.config import Component
 
 app = typer.Typer(
     name="selma",
@@ -14,22 +19,71 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+add_recipes_command(app, "selma")
 
-RecipeArg = typer.Argument(..., help="Recipe file (.yaml/.toml/.json)", exists=False)
-SetOpt = typer.Option(None, "--set", "-s", help="Dotted override, repeatable: --set train.steps=100")
+RecipeArg = recipe_argument("selma")
+SetOpt = set_option("train.steps=100")
 RunDirOpt = typer.Option(None, "--run-dir", help="Run directory (overrides the recipe's run_dir)")
 
 
-def _load(recipe: Path, overrides: list[str] | None, run_dir: str | None):
+@app.callback()
+def _root(
+    show_version: bool = typer.Option(
+        False,
+        "--version",
+        callback=version_callback("diffalign-selma"),
+        is_eager=True,
+        help="Print the version.",
+    ),
+) -> None:
+    """SELMA: skill-specific LoRA experts from auto-generated data, merged into one model."""
+
+
+def recipe_components(cfg) -> list[Component]:
+    """The models and rewards a recipe names (checked before anything loads)."""
+    comps = [Component("model", "model", cfg.model)]
+    if cfg.images.generator:
+        comps.append(Component("model", "images.generator", cfg.images.generator))
+    if cfg.prompts.backend == "hf":
+        comps.append(Component("model", "prompts.hf.model", cfg.prompts.hf.model))
+    flt = cfg.images.reward_filter
+    if flt.enabled:
+        comps.append(
+            Component(
+                "reward", "images.reward_filter.reward", flt.reward, flt.kwargs, "images.reward_filter.kwargs"
+            )
+        )
+    for name in cfg.eval.rewards:
+        comps.append(
+            Component(
+                "reward",
+                "eval.rewards",
+                name,
+                cfg.eval.reward_kwargs.get(name, {}),
+                f"eval.reward_kwargs.{name}",
+            )
+        )
+    return comps
+
+
+def _load(recipe: str, overrides: list[str] | None, run_dir: str | None):
     from diffalign.selma.config import SelmaConfig
 
-    overrides = list(overrides or [])
-    if run_dir:
-        overrides.append(f"run_dir={run_dir}")
-    if not Path(recipe).exists():
-        typer.echo(f"error: recipe file {recipe} does not exist", err=True)
+    return load_recipe_or_exit("selma", SelmaConfig, recipe, overrides, run_dir, recipe_components)
+
+
+def _check_prompt_backend(cfg) -> None:
+    """The openai backend refuses to start without its key (before anything is written)."""
+    import os
+
+    o = cfg.prompts.openai
+    if cfg.prompts.backend == "openai" and o.api_key_env and not os.environ.get(o.api_key_env):
+        typer.echo(
+            f"error: prompts.backend is 'openai' but the environment variable {o.api_key_env} is empty; export "
+            "the key, or set prompts.openai.api_key_env=null for a local server without authentication",
+            err=True,
+        )
         raise typer.Exit(code=2)
-    return load_config_or_exit(SelmaConfig, recipe, overrides)
 
 
 def _fail(err: Exception) -> None:
@@ -44,12 +98,13 @@ def _save(cfg) -> None:
 
 
 @app.command()
-def prompts(recipe: Path = RecipeArg, set_: list[str] = SetOpt, run_dir: str = RunDirOpt) -> None:
+def prompts(recipe: str = RecipeArg, set_: list[str] = SetOpt, run_dir: str = RunDirOpt) -> None:
     """Stage 1: generate skill-specific prompts (self-instruct loop, Rouge-L dedup; resumable)."""
     from diffalign.selma.prompts import PromptBackendError
     from diffalign.selma.stages import stage_prompts
 
     cfg = _load(recipe, set_, run_dir)
+    _check_prompt_backend(cfg)
     _save(cfg)
     try:
         stage_prompts(cfg)
@@ -58,7 +113,7 @@ def prompts(recipe: Path = RecipeArg, set_: list[str] = SetOpt, run_dir: str = R
 
 
 @app.command()
-def images(recipe: Path = RecipeArg, set_: list[str] = SetOpt, run_dir: str = RunDirOpt) -> None:
+def images(recipe: str = RecipeArg, set_: list[str] = SetOpt, run_dir: str = RunDirOpt) -> None:
     """Stage 2: generate one image per prompt into an imagefolder (resumable; run under accelerate to shard)."""
     from diffalign.selma.stages import stage_images
 
@@ -72,7 +127,7 @@ def images(recipe: Path = RecipeArg, set_: list[str] = SetOpt, run_dir: str = Ru
 
 @app.command()
 def train(
-    recipe: Path = RecipeArg,
+    recipe: str = RecipeArg,
     set_: list[str] = SetOpt,
     run_dir: str = RunDirOpt,
     skill: list[str] = typer.Option(None, "--skill", help="Train only these skills (repeatable)"),
@@ -91,7 +146,7 @@ def train(
 
 @app.command()
 def merge(
-    recipe: Path = RecipeArg,
+    recipe: str = RecipeArg,
     set_: list[str] = SetOpt,
     run_dir: str = RunDirOpt,
     method: str = typer.Option(None, "--method", help="Override merge.method"),
@@ -109,7 +164,7 @@ def merge(
 
 @app.command("eval")
 def eval_(
-    recipe: Path = RecipeArg,
+    recipe: str = RecipeArg,
     set_: list[str] = SetOpt,
     run_dir: str = RunDirOpt,
     model: list[str] = typer.Option(
@@ -128,13 +183,14 @@ def eval_(
 
 
 @app.command()
-def run(recipe: Path = RecipeArg, set_: list[str] = SetOpt, run_dir: str = RunDirOpt) -> None:
+def run(recipe: str = RecipeArg, set_: list[str] = SetOpt, run_dir: str = RunDirOpt) -> None:
     """All stages in order; each one resumes from what is already on disk."""
     from diffalign.selma.lora import AdapterError
     from diffalign.selma.prompts import PromptBackendError
     from diffalign.selma.stages import run_all
 
     cfg = _load(recipe, set_, run_dir)
+    _check_prompt_backend(cfg)
     try:
         run_all(cfg)
     except (PromptBackendError, AdapterError, FileNotFoundError, ValueError, RuntimeError) as err:

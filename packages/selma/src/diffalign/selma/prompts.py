@@ -25,13 +25,11 @@ import os
 import random
 import re
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 # --------------------------------------------------------------------------------------------------
 # Rouge-L
@@ -278,6 +276,10 @@ class PromptBackendError(RuntimeError):
 # --------------------------------------------------------------------------------------------------
 
 
+class PromptBackendFatalError(PromptBackendError):
+    """A backend error that retrying cannot fix (a missing key, an HTTP 4xx answer): raised at once."""
+
+
 class TemplateBackend:
     """Offline, seeded grammar. Shapes-world skills use the core grammar's *train* split; any other skill
     needs ``SkillSpec.template = {"patterns": ["a {color} {thing}", ...], "slots": {"color": [...], ...}}``."""
@@ -384,11 +386,15 @@ class HFBackend:
 
 
 class OpenAIBackend:
-    """Any OpenAI-compatible server (OpenAI, vLLM, Ollama, llama.cpp) over plain HTTP.
+    """Any OpenAI-compatible server (OpenAI, vLLM, Ollama, llama.cpp) through the ``openai`` client library
+    (``pip install 'diffalign-selma[openai]'``).
 
     ``mode="completions"`` is the paper's legacy completions call (the reply continues the list);
     ``mode="chat"`` sends the request as one user message. The API key is read from the environment
-    variable named by ``api_key_env`` (never stored in a recipe).
+    variable named by ``api_key_env`` (never stored in a recipe); when that variable is empty the backend
+    refuses to start. ``api_key_env=None`` is for local servers without authentication. The client's own
+    retries are off: :func:`call_with_retry` retries network errors, 408, 409, 429 and 5xx answers, and
+    stops at once on any other 4xx answer (a wrong key, model or request never succeeds on retry).
     """
 
     name = "openai"
@@ -404,52 +410,75 @@ class OpenAIBackend:
         top_p: float = 1.0,
         max_tokens: int = 3072,
         timeout_s: float = 60.0,
+        client: Any = None,
     ):
         if mode not in ("completions", "chat"):
             raise ValueError(f"openai backend mode must be 'completions' or 'chat', got {mode!r}")
+        api_key = os.environ.get(api_key_env, "") if api_key_env else ""
+        if api_key_env and not api_key:
+            raise PromptBackendFatalError(
+                f"the openai backend needs an API key in the environment variable {api_key_env}: export it, "
+                "or set prompts.openai.api_key_env to the variable holding it (null for a local server "
+                "without authentication)"
+            )
         self.model = model
         self.base_url = base_url.rstrip("/")
         self.mode = mode
-        self.api_key = os.environ.get(api_key_env, "") if api_key_env else ""
         self.temperature = temperature
         self.top_p = top_p
         self.max_tokens = max_tokens
         self.timeout_s = timeout_s
+        if client is None:
+            try:
+                import openai
+            except ImportError:
+                raise PromptBackendFatalError(
+                    "the openai backend needs the openai client library: pip install 'diffalign-selma[openai]'"
+                ) from None
+            # a local server without authentication still needs a non-empty key in the client
+            client = openai.OpenAI(
+                base_url=self.base_url, api_key=api_key or "none", timeout=timeout_s, max_retries=0
+            )
+        self.client = client
 
     def complete(self, request: PromptRequest) -> BackendReply:
-        body: dict = {
+        kwargs: dict = {
             "model": self.model,
             "temperature": self.temperature,
             "top_p": self.top_p,
             "max_tokens": self.max_tokens,
             "seed": request.seed % (2**31),
         }
-        if self.mode == "completions":
-            body["prompt"] = request.text
-            url = f"{self.base_url}/completions"
-        else:
-            body["messages"] = [{"role": "user", "content": request.text}]
-            url = f"{self.base_url}/chat/completions"
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+        where = f"{self.base_url}/{'completions' if self.mode == 'completions' else 'chat/completions'}"
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                payload = json.loads(resp.read().decode("utf-8"))
-        except urllib.error.HTTPError as err:
-            detail = err.read().decode("utf-8", "replace")[:300]
-            raise PromptBackendError(f"{url} answered HTTP {err.code}: {detail}") from err
-        except (urllib.error.URLError, TimeoutError, OSError) as err:
-            raise PromptBackendError(f"cannot reach {url}: {err}") from err
-        except json.JSONDecodeError as err:
-            raise PromptBackendError(f"{url} answered with invalid JSON: {err}") from err
+            if self.mode == "completions":
+                reply = self.client.completions.create(prompt=request.text, **kwargs)
+            else:
+                messages = [{"role": "user", "content": request.text}]
+                reply = self.client.chat.completions.create(messages=messages, **kwargs)
+        except Exception as err:  # noqa: BLE001 - classified below, the library's types are optional
+            raise _classify_error(err, where) from err
         try:
-            choice = payload["choices"][0]
-            text = choice["text"] if self.mode == "completions" else choice["message"]["content"]
-        except (KeyError, IndexError, TypeError) as err:
-            raise PromptBackendError(f"{url} answered without choices[0] text: {str(payload)[:300]}") from err
-        return BackendReply(text or "", truncated=choice.get("finish_reason") == "length")
+            choice = reply.choices[0]
+            text = choice.text if self.mode == "completions" else choice.message.content
+        except (AttributeError, IndexError, TypeError) as err:
+            raise PromptBackendError(f"{where} answered without choices[0] text: {str(reply)[:300]}") from err
+        return BackendReply(text or "", truncated=getattr(choice, "finish_reason", None) == "length")
+
+
+RETRYABLE_STATUS = frozenset({408, 409, 429})
+
+
+def _classify_error(err: Exception, where: str) -> PromptBackendError:
+    """A client error as a (fatal for 4xx other than 408/409/429, else retryable) backend error."""
+    status = getattr(err, "status_code", None)
+    if isinstance(status, int):
+        detail = str(getattr(err, "message", "") or err)[:300]
+        message = f"{where} answered HTTP {status}: {detail}"
+        if 400 <= status < 500 and status not in RETRYABLE_STATUS:
+            return PromptBackendFatalError(message)
+        return PromptBackendError(message)
+    return PromptBackendError(f"cannot reach {where}: {type(err).__name__}: {err}")
 
 
 def call_with_retry(
@@ -468,7 +497,9 @@ def call_with_retry(
     for attempt in range(retries + 1):
         try:
             return backend.complete(request)
-        except Exception as err:  # noqa: BLE001 - any backend failure is retried, then reported
+        except PromptBackendFatalError:
+            raise  # a 4xx answer or a missing key: retrying cannot help
+        except Exception as err:  # noqa: BLE001 - any other backend failure is retried, then reported
             last = err
             if attempt == retries:
                 break

@@ -83,23 +83,28 @@ def export_teacher_cmd(
 def sample(
     prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Prompt (repeatable)."),
     model: str = typer.Option("shapes/unet", "--model", help="shapes/unet, shapes/dit or a pipeline folder."),
-    out: Path = typer.Option(Path("shapes_samples.png"), "--out", help="PNG grid to write."),
+    out: Path = typer.Option(..., "--out", help="PNG grid to write (its folder is created)."),
     n: int = typer.Option(8, "--n", help="Images per prompt."),
     steps: int = typer.Option(50, "--steps"),
     guidance: float = typer.Option(4.0, "--guidance"),
     seed: int = typer.Option(0, "--seed"),
     score: bool = typer.Option(True, "--score/--no-score", help="Print the DSG faithfulness of the samples."),
 ) -> None:
-    """Sample a teacher into a PNG grid (one row per prompt)."""
-    from diffalign.core.models import resolve_model_path
+    """Sample a teacher into a PNG grid (one row per prompt), with a progress bar per prompt."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from diffalign.core.models import load_pipeline, resolve_model_path
 
     from ._util import save_grid
-    from .evaluate import load_shapes_pipeline
     from .grammar import parse_prompt
     from .teachers import sample_pipeline
 
     if n < 1 or steps < 1:
         typer.echo("error: --n and --steps must be >= 1", err=True)
+        raise typer.Exit(code=2)
+    if out.suffix.lower() != ".png" or out.is_dir():
+        typer.echo(f"error: --out must be a .png file path, got {out}", err=True)
         raise typer.Exit(code=2)
     try:
         for p in prompt:
@@ -108,9 +113,13 @@ def sample(
     except (ValueError, FileNotFoundError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(code=2) from None
-    pipe = load_shapes_pipeline(path)
+    pipe = load_pipeline(path)  # float32, loading report checked
     prompts = [p for p in prompt for _ in range(n)]
-    images = sample_pipeline(pipe, prompts, steps=steps, guidance=guidance, seed=seed)
+    rows = []
+    for row, text in enumerate(tqdm(prompt, desc="sampling", unit="prompt", disable=None)):
+        rows.append(sample_pipeline(pipe, [text] * n, steps=steps, guidance=guidance, seed=seed + row * n))
+    images = torch.cat(rows)
+    out.parent.mkdir(parents=True, exist_ok=True)
     save_grid(images, out, nrow=n, upscale=4)
     typer.echo(f"wrote {out}")
     if score:

@@ -394,6 +394,11 @@ def export_teacher(kind: str, ema: Teacher, vae, out_dir: str | Path, fp16: bool
         pipe.to(torch.float16)
     out_dir = Path(out_dir)
     pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    if fp16:  # transformers loads in the config's dtype: ask for float32, as diffusers models get
+        encoder_config = out_dir / "text_encoder" / "config.json"
+        data = json.loads(encoder_config.read_text())
+        data["dtype"] = "float32"
+        encoder_config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return out_dir
 
 
