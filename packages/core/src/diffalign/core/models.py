@@ -353,7 +353,7 @@ def load_vlm(
             path, trust_remote_code=trust_remote_code, **(processor_kwargs or {})
         )
         model = _from_pretrained_checked(AutoModelForImageTextToText, path, str(path), **kwargs)
-    except WeightLoadingError:  # the folder loaded, with missing or unexpected weights: say that, not "missing"
+    except WeightLoadingError:  # loaded with missing/unexpected weights: not a missing model
         raise
     except (OSError, ValueError) as err:  # missing files / no processor files in the folder
         raise ModelNotFoundError(
