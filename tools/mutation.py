@@ -1,0 +1,259 @@
+#!/usr/bin/env python3
+"""``make mutation``: mutation testing of the pure loss / reward / cost modules with cosmic-ray.
+
+For every module below, cosmic-ray mutates one operator, number, comparison or keyword at a time and runs the
+module's own tests (``packages/<pkg>/tests/test_<module>*.py``, which includes the ``*_mutants.py`` files
+written to kill mutants). A mutant the tests fail on is *killed*; one they pass on *survived*.
+
+The mutants are applied in a scratch copy (``.mutation/<module>/``: the package and the root pytest config),
+never in the working tree; the tests import the copy first through ``PYTHONPATH``. Each module's session is a
+SQLite file in that folder, so a stopped run resumes where it stopped (``make mutation`` again). The result,
+per module: mutants, killed, survived, timeouts, kill rate and every survivor (operator, line, diff), goes to
+``bench/results/mutation.json``; survivors judged equivalent are listed with the reason in
+``docs/mutation.md`` and ``EQUIVALENT`` below (keyed by module, line and operator) and counted apart.
+
+    python tools/mutation.py                       # every module
+    python tools/mutation.py --only mlcm.losses    # one module
+    python tools/mutation.py --report-only         # rebuild the JSON from the sessions
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRATCH = ROOT / ".mutation"
+# name -> (package folder, module file inside the package's src)
+MODULES = {
+    "mlcm.losses": ("mlcm", "src/diffalign/mlcm/losses.py"),
+    "selma.losses": ("selma", "src/diffalign/selma/losses.py"),
+    "listener_reward.rewards": ("listener-reward", "src/diffalign/listener_reward/rewards.py"),
+    "di_star.losses": ("di-star", "src/diffalign/di_star/losses.py"),
+    "ecad.cost": ("ecad", "src/diffalign/ecad/cost.py"),
+}
+# cosmic-ray operators left out, with the reason: each would multiply the mutant count without testing
+# anything a number check can see.
+EXCLUDED_OPERATORS = [
+    # replacing a binary operator by a bit or shift operator fails on float tensors before any assert runs
+    r"core/ReplaceBinaryOperator_.*_(BitAnd|BitOr|BitXor|LShift|RShift)",
+    # floor division, modulo or power in place of + - * /: on float tensors these are not the slips people
+    # make (a sign, a scale, a swapped operand); the four arithmetic swaps are kept
+    r"core/ReplaceBinaryOperator_.*_(FloorDiv|Mod|Pow)$",
+    # a matrix product in place of an elementwise one (and back) fails on shape alone
+    r"core/ReplaceBinaryOperator_.*_MatMult",
+    r"core/ReplaceBinaryOperator_MatMult_.*",
+    # exception classes in `except` clauses: the modules raise, they do not catch
+    r"core/ExceptionReplacer",
+    # decorators (dataclass, property) change the API, which every test already exercises
+    r"core/RemoveDecorator",
+]
+# (module, line, operator) -> why the mutant cannot change any result; these are reported apart.
+EQUIVALENT: dict[tuple[str, int, str], str] = {}
+
+
+def module_tests(package: str, module_file: str) -> list[str]:
+    stem = Path(module_file).stem
+    tests = sorted((ROOT / "packages" / package / "tests").glob(f"test_{stem}*.py"))
+    return [str(p.relative_to(ROOT)) for p in tests]
+
+
+def prepare(name: str, package: str, module_file: str) -> Path:
+    """Scratch copy of the package (and the root pytest config) plus the cosmic-ray config; returns the dir."""
+    work = SCRATCH / name
+    src = ROOT / "packages" / package
+    dst = work / "packages" / package
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "runs", ".pytest_cache"))
+    shutil.copy2(ROOT / "pyproject.toml", work / "pyproject.toml")
+    tests = module_tests(package, module_file)
+    if not tests:
+        raise SystemExit(f"error: no tests named packages/{package}/tests/test_{Path(module_file).stem}*.py")
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o", "addopts=", *tests]
+    command += ["--import-mode=importlib", "-m", "not slow"]
+    excluded = ", ".join(json.dumps(op) for op in EXCLUDED_OPERATORS)
+    (work / "cosmic-ray.toml").write_text(
+        "[cosmic-ray]\n"
+        f'module-path = "packages/{package}/{module_file}"\n'
+        "timeout = 600.0\n"
+        "excluded-modules = []\n"
+        f"test-command = {json.dumps(shlex.join(command))}\n\n"
+        '[cosmic-ray.distributor]\nname = "local"\n\n'
+        f"[cosmic-ray.filters.operators-filter]\nexclude-operators = [{excluded}]\n"
+    )
+    return work
+
+
+def tool(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def run_module(name: str, deadline: float | None) -> None:
+    package, module_file = MODULES[name]
+    session = SCRATCH / name / "session.sqlite"
+    fresh = not session.exists()
+    work = prepare(name, package, module_file)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(work / "packages" / package / "src"), env.get("PYTHONPATH", "")])
+    if fresh:
+        subprocess.run(
+            [tool("cosmic-ray"), "init", "cosmic-ray.toml", "session.sqlite"], cwd=work, check=True
+        )
+        subprocess.run(
+            [tool("cr-filter-operators"), "session.sqlite", "cosmic-ray.toml"], cwd=work, check=True
+        )
+        baseline = subprocess.run(
+            [tool("cosmic-ray"), "baseline", "cosmic-ray.toml"],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        if baseline.returncode != 0:
+            session.unlink()
+            raise SystemExit(
+                f"error: the unmutated tests of {name} fail; fix them first:\n{baseline.stdout[-2000:]}"
+            )
+    timeout = None if deadline is None else max(1.0, deadline - time.time())
+    print(f"== {name}: cosmic-ray exec in {work.relative_to(ROOT)}", flush=True)
+    try:
+        subprocess.run(
+            [tool("cosmic-ray"), "exec", "cosmic-ray.toml", "session.sqlite"],
+            cwd=work,
+            env=env,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        print(f"!! {name}: stopped at the deadline; run again to resume", flush=True)
+
+
+def read_session(name: str) -> dict | None:
+    """Counts and survivors of one module's session (``cosmic-ray dump``: one JSON pair per line)."""
+    work = SCRATCH / name
+    if not (work / "session.sqlite").exists():
+        return None
+    dump = subprocess.run(
+        [tool("cosmic-ray"), "dump", "session.sqlite"], cwd=work, capture_output=True, text=True, check=True
+    )
+    counts = {"mutants": 0, "killed": 0, "survived": 0, "equivalent": 0, "incompetent": 0, "pending": 0}
+    survivors, equivalent = [], []
+    for line in dump.stdout.splitlines():
+        if not line.strip():
+            continue
+        item, result = json.loads(line)
+        mutation = item["mutations"][0]
+        if result is not None and result.get("worker_outcome") == "skipped":
+            continue  # excluded operator
+        counts["mutants"] += 1
+        if result is None:
+            counts["pending"] += 1
+            continue
+        outcome = result.get("test_outcome")
+        entry = {
+            "line": mutation["start_pos"][0],
+            "operator": mutation["operator_name"],
+            "occurrence": mutation["occurrence"],
+            "diff": "\n".join(
+                ln
+                for ln in (result.get("diff") or "").splitlines()
+                if ln[:1] in "+-" and ln[:3] not in ("+++", "---")
+            ),
+        }
+        if outcome == "killed":
+            counts["killed"] += 1
+        elif outcome == "incompetent":
+            counts["incompetent"] += 1  # the mutant could not even run (timeout or crash): counted as killed
+        else:
+            reason = EQUIVALENT.get((name, entry["line"], entry["operator"]))
+            if reason:
+                counts["equivalent"] += 1
+                equivalent.append({**entry, "reason": reason})
+            else:
+                counts["survived"] += 1
+                survivors.append(entry)
+    done = counts["mutants"] - counts["pending"] - counts["equivalent"]
+    killed = counts["killed"] + counts["incompetent"]
+    counts["kill_rate"] = round(killed / done, 4) if done else None
+    package, module_file = MODULES[name]
+    return {
+        "module": f"packages/{package}/{module_file}",
+        "tests": module_tests(package, module_file),
+        **counts,
+        "survivors": survivors,
+        "equivalent_mutants": equivalent,
+    }
+
+
+def write_report(path: Path) -> dict:
+    modules = {name: read_session(name) for name in MODULES}
+    result = {
+        "package": "mutation",
+        "tool": "cosmic-ray " + _version(),
+        "what": "kill rate = (killed + incompetent) / (mutants run - equivalent); each module against its own "
+        "tests only; operators excluded: " + "; ".join(EXCLUDED_OPERATORS),
+        "command": "make mutation  (python tools/mutation.py)",
+        "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "summary": [
+            {
+                "module": name,
+                "mutants": m["mutants"],
+                "killed": m["killed"] + m["incompetent"],
+                "survived": m["survived"],
+                "equivalent": m["equivalent"],
+                "pending": m["pending"],
+                "kill rate": m["kill_rate"],
+            }
+            for name, m in modules.items()
+            if m is not None
+        ],
+        "modules": {name: m for name, m in modules.items() if m is not None},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("cosmic-ray")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--only", nargs="*", choices=sorted(MODULES), default=None)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "mutation.json"))
+    parser.add_argument("--report-only", action="store_true", help="only rebuild the JSON from the sessions")
+    parser.add_argument("--fresh", action="store_true", help="start the chosen modules' sessions over")
+    parser.add_argument("--deadline-minutes", type=float, default=None, help="stop exec after this long")
+    args = parser.parse_args(argv)
+    names = args.only or list(MODULES)
+    deadline = None if args.deadline_minutes is None else time.time() + 60 * args.deadline_minutes
+    if not args.report_only:
+        for name in names:
+            if args.fresh:
+                shutil.rmtree(SCRATCH / name, ignore_errors=True)
+            if deadline is not None and time.time() >= deadline:
+                break
+            run_module(name, deadline)
+            write_report(Path(args.out))
+    result = write_report(Path(args.out))
+    from diffalign.core.report import markdown_table
+
+    print(markdown_table(result["summary"]) if result["summary"] else "no sessions yet")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
