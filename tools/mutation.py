@@ -15,6 +15,10 @@ per module: mutants, killed, survived, timeouts, kill rate and every survivor (o
     python tools/mutation.py                       # every module
     python tools/mutation.py --only mlcm.losses    # one module
     python tools/mutation.py --report-only         # rebuild the JSON from the sessions
+    python tools/mutation.py --retest-survivors    # after adding tests: run only the survivors again
+
+``--retest-survivors`` keeps the first pass's survivors in ``first_pass.json`` beside the session, so the
+report shows the kill rate before and after the ``*_mutants.py`` tests.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -57,6 +63,25 @@ EXCLUDED_OPERATORS = [
 ]
 # (module, line, operator) -> why the mutant cannot change any result; these are reported apart.
 EQUIVALENT: dict[tuple[str, int, str], str] = {}
+ANNOTATION = re.compile(r"(:\s*[\w.\[\], ]+\|\s*[\w.\[\]]+\s*[=,)]|->\s*[\w.\[\], ]+\|)")
+
+
+def equivalent_reason(name: str, entry: dict) -> str | None:
+    """Why a surviving mutant cannot change behaviour, or None (then it is a real survivor)."""
+    reason = EQUIVALENT.get((name, entry["line"], entry["operator"]))
+    if reason:
+        return reason
+    package, module_file = MODULES[name]
+    source = (ROOT / "packages" / package / module_file).read_text()
+    removed = [ln[1:] for ln in entry["diff"].splitlines() if ln.startswith("-")]
+    if (
+        entry["operator"].startswith("core/ReplaceBinaryOperator_BitOr_")
+        and "from __future__ import annotations" in source
+        and removed
+        and all(ANNOTATION.search(ln) for ln in removed)
+    ):
+        return "mutates a type annotation (`X | None`); with `from __future__ import annotations` it is never evaluated"
+    return None
 
 
 def module_tests(package: str, module_file: str) -> list[str]:
@@ -135,6 +160,23 @@ def run_module(name: str, deadline: float | None) -> None:
         print(f"!! {name}: stopped at the deadline; run again to resume", flush=True)
 
 
+def reset_survivors(name: str) -> int:
+    """Record the current survivors in ``first_pass.json`` (once) and mark them pending again."""
+    report = read_session(name)
+    if report is None:
+        return 0
+    first = SCRATCH / name / "first_pass.json"
+    if not first.exists():
+        keep = {
+            k: report[k] for k in ("mutants", "killed", "incompetent", "survived", "pending", "kill_rate")
+        }
+        first.write_text(json.dumps({**keep, "survivors": report["survivors"]}, indent=1) + "\n")
+    with sqlite3.connect(SCRATCH / name / "session.sqlite") as db:
+        n = db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'").rowcount
+    print(f"{name}: {n} survivors marked pending", flush=True)
+    return n
+
+
 def read_session(name: str) -> dict | None:
     """Counts and survivors of one module's session (``cosmic-ray dump``: one JSON pair per line)."""
     work = SCRATCH / name
@@ -172,7 +214,7 @@ def read_session(name: str) -> dict | None:
         elif outcome == "incompetent":
             counts["incompetent"] += 1  # the mutant could not even run (timeout or crash): counted as killed
         else:
-            reason = EQUIVALENT.get((name, entry["line"], entry["operator"]))
+            reason = equivalent_reason(name, entry)
             if reason:
                 counts["equivalent"] += 1
                 equivalent.append({**entry, "reason": reason})
@@ -183,6 +225,9 @@ def read_session(name: str) -> dict | None:
     killed = counts["killed"] + counts["incompetent"]
     counts["kill_rate"] = round(killed / done, 4) if done else None
     package, module_file = MODULES[name]
+    first = work / "first_pass.json"
+    if first.exists():
+        counts["first_pass"] = json.loads(first.read_text())
     return {
         "module": f"packages/{package}/{module_file}",
         "tests": module_tests(package, module_file),
@@ -210,6 +255,7 @@ def write_report(path: Path) -> dict:
                 "equivalent": m["equivalent"],
                 "pending": m["pending"],
                 "kill rate": m["kill_rate"],
+                "kill rate, first pass": (m.get("first_pass") or {}).get("kill_rate", m["kill_rate"]),
             }
             for name, m in modules.items()
             if m is not None
@@ -235,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "mutation.json"))
     parser.add_argument("--report-only", action="store_true", help="only rebuild the JSON from the sessions")
     parser.add_argument("--fresh", action="store_true", help="start the chosen modules' sessions over")
+    parser.add_argument("--retest-survivors", action="store_true", help="run the survivors again (new tests)")
     parser.add_argument("--deadline-minutes", type=float, default=None, help="stop exec after this long")
     args = parser.parse_args(argv)
     names = args.only or list(MODULES)
@@ -243,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             if args.fresh:
                 shutil.rmtree(SCRATCH / name, ignore_errors=True)
+            elif args.retest_survivors:
+                reset_survivors(name)
             if deadline is not None and time.time() >= deadline:
                 break
             run_module(name, deadline)
