@@ -203,3 +203,35 @@ def test_timestep_weights():
     torch.testing.assert_close(L.timestep_weight(a, s, "sigma_sq"), s * s)
     with pytest.raises(ValueError, match="unknown weighting"):
         L.timestep_weight(a, s, "snr")
+
+
+def test_string_options_compared_by_value_not_identity():
+    """Options read from a config file are equal but distinct string objects."""
+
+    def fresh(s):
+        return "".join(list(s))
+
+    y = torch.tensor([[3.0, 4.0]])
+    for distance in ("pseudo_huber", "l2"):
+        torch.testing.assert_close(L.distance_value(y, fresh(distance)), L.distance_value(y, distance))
+        torch.testing.assert_close(L.distance_gradient(y, fresh(distance)), L.distance_gradient(y, distance))
+        args = (_batch(1), _batch(2), _batch(3), SIGMA.double())
+        torch.testing.assert_close(
+            L.di_star_generator_loss(*args, distance=fresh(distance)),
+            L.di_star_generator_loss(*args, distance=distance),
+        )
+    x0, eps, out = _batch(4), _batch(5), _batch(6)
+    a, s = ALPHA.double(), SIGMA.double()
+    for kind in ("epsilon", "v_prediction", "sample"):
+        torch.testing.assert_close(
+            L.to_epsilon(out, x0, a, s, fresh(kind)), L.to_epsilon(out, x0, a, s, kind)
+        )
+        torch.testing.assert_close(L.to_x0(out, x0, a, s, fresh(kind)), L.to_x0(out, x0, a, s, kind))
+        torch.testing.assert_close(
+            L.fake_score_dsm_loss(out, x0, eps, a, s, fresh(kind)),
+            L.fake_score_dsm_loss(out, x0, eps, a, s, kind),
+        )
+    for weighting in ("constant", "sigma", "sigma_sq"):
+        torch.testing.assert_close(
+            L.timestep_weight(a, s, fresh(weighting)), L.timestep_weight(a, s, weighting)
+        )

@@ -75,3 +75,13 @@ def test_hinge_margin_edge_and_negative_term_sign():
     # the negative prompt's score is penalised only above 0, by its value
     assert hinge_reward_loss(torch.tensor([5.0]), 2.0, torch.tensor([0.25])).item() == pytest.approx(0.25)
     assert hinge_reward_loss(torch.tensor([5.0]), 2.0, torch.tensor([-0.25])).item() == 0.0
+
+
+def test_loss_kind_compared_by_value_not_identity():
+    """A kind read from a config file is an equal but distinct string object."""
+    a, b = torch.tensor([[1.0, 3.0]]), torch.zeros(1, 2)
+    l2, huber = "".join(["l", "2"]), "".join(["pseudo", "_huber"])
+    torch.testing.assert_close(consistency_distance(a, b, l2), consistency_distance(a, b, "l2"))
+    torch.testing.assert_close(
+        consistency_distance(a, b, huber, 0.5), consistency_distance(a, b, "pseudo_huber", 0.5)
+    )

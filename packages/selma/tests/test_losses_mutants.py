@@ -52,3 +52,13 @@ def test_shape_checks_both_ways():
     for a, b in (((2, 3), (3, 2)), ((3, 2), (2, 3)), ((2, 2), (2, 3)), ((2, 3), (2, 2))):
         with pytest.raises(ValueError, match="shape"):
             diffusion_loss(torch.zeros(a), torch.zeros(b))
+
+
+def test_prediction_type_compared_by_value_not_identity():
+    """A prediction type read from a config file is an equal but distinct string object."""
+    x0, noise, ac, t = _data()
+    for kind in ("epsilon", "v_prediction", "sample"):
+        fresh = "".join(list(kind))
+        torch.testing.assert_close(
+            diffusion_target(x0, noise, ac, t, fresh), diffusion_target(x0, noise, ac, t, kind)
+        )
