@@ -13,7 +13,8 @@ patch 2 on a 32x32x4 latent -> 256 image tokens, 120 caption tokens of width 409
 - a one-step generator (di-star: one call, guidance distilled into the generator, batch 1)
 - a 2 / 4 / 8-step consistency student (mlcm: guidance distilled, batch 1 per call)
 
-Timing rules: torch runs with a fixed thread count (recorded); every row is warmed up once; the rows are
+Timing rules: torch runs with a fixed thread count (recorded); every row is warmed up (two untimed calls,
+with its hooks when it has any); the rows are
 interleaved over the repeats (repeat r runs every row, in an order rotated by r), so a change in machine
 load hits every row alike; each row reports the median and the spread (min, max) of wall and CPU
 (``time.process_time``) seconds; ECAD hooks are removed after their row and the transformer is checked to
@@ -188,6 +189,27 @@ def run_row(transformer, regime: Regime, cfg: dict[str, Any]) -> tuple[float, fl
     return wall, cpu, counters
 
 
+def warm_up(transformer, regimes: list[Regime], cfg: dict[str, Any], calls: int = 2) -> None:
+    """Untimed: ``calls`` plain calls at every batch size, and ``calls`` calls of every hooked regime with its
+    hooks attached (then removed), so no timed row pays for first-call allocation or hook set-up."""
+    from diffalign.ecad.hooks import apply_schedule, remove_schedule
+
+    for regime in regimes:
+        print(f"warm-up: {regime.name}", flush=True)
+        latents, captions = inputs(cfg, regime.batch)
+        assert_plain(transformer)
+        if regime.schedule:
+            apply_schedule(transformer, schedule_for(regime, transformer))
+        try:
+            with torch.no_grad():
+                for t in timesteps(regime.steps)[:calls]:
+                    call(transformer, latents, captions, t)
+        finally:
+            if regime.schedule:
+                remove_schedule(transformer)
+        assert_plain(transformer)
+
+
 # ---------------------------------------------------------------------------------------------- FLOPs
 
 
@@ -289,9 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     for b, (total, _, _) in costs.items():
         print(f"one call at batch {b}: {total / 1e9:.1f} GFLOP")
 
-    for regime in regimes:  # warm-up: every row once, untimed
-        print(f"warm-up: {regime.name}", flush=True)
-        run_row(transformer, regime, cfg)
+    warm_up(transformer, regimes, cfg)
     walls: dict[str, list[float]] = {r.name: [] for r in regimes}
     cpus: dict[str, list[float]] = {r.name: [] for r in regimes}
     for rep in range(args.repeats):
@@ -345,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         "gflop_per_call": {f"batch {b}": round(c[0] / 1e9, 2) for b, c in costs.items()},
         "repeats": args.repeats,
         "hardware": hardware(args.threads),
-        "timing": "warm-up run of every row, then rows interleaved over repeats (order rotated each repeat); "
+        "timing": "two untimed warm-up calls per row (hooks attached for hooked rows), then rows interleaved "
+        "over repeats (order rotated each repeat); "
         "medians with min-max; hooks removed and checked removed around every row",
         "command": "python tools/scale_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "rows": rows,
