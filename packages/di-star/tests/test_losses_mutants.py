@@ -235,3 +235,20 @@ def test_string_options_compared_by_value_not_identity():
         torch.testing.assert_close(
             L.timestep_weight(a, s, fresh(weighting)), L.timestep_weight(a, s, weighting)
         )
+
+
+@pytest.mark.parametrize("name", ["aaa", "l1", "zzz", "Epsilon"])
+def test_unknown_options_are_rejected_whatever_their_sort_order(name):
+    y, a, s = _batch(1), ALPHA.double(), SIGMA.double()
+    with pytest.raises(ValueError, match="unknown distance"):
+        L.distance_value(y, name)
+    with pytest.raises(ValueError, match="unknown distance"):
+        L.di_star_generator_loss(y, y, y, s, distance=name)
+    with pytest.raises(ValueError, match="unknown prediction_type"):
+        L.to_epsilon(y, y, a, s, name)
+    with pytest.raises(ValueError, match="unknown prediction_type"):
+        L.to_x0(y, y, a, s, name)
+    with pytest.raises(ValueError, match="unknown prediction_type"):
+        L.fake_score_dsm_loss(y, y, y, a, s, name)
+    with pytest.raises(ValueError, match="unknown weighting"):
+        L.timestep_weight(a, s, name)

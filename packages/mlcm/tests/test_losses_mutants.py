@@ -85,3 +85,9 @@ def test_loss_kind_compared_by_value_not_identity():
     torch.testing.assert_close(
         consistency_distance(a, b, huber, 0.5), consistency_distance(a, b, "pseudo_huber", 0.5)
     )
+
+
+@pytest.mark.parametrize("kind", ["aaa", "l1", "smooth_l1", "zzz", "L2"])
+def test_unknown_kinds_are_rejected_whatever_their_sort_order(kind):
+    with pytest.raises(ValueError, match="unknown loss kind"):
+        consistency_distance(torch.ones(1, 2), torch.zeros(1, 2), kind)

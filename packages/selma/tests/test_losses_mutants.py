@@ -62,3 +62,10 @@ def test_prediction_type_compared_by_value_not_identity():
         torch.testing.assert_close(
             diffusion_target(x0, noise, ac, t, fresh), diffusion_target(x0, noise, ac, t, kind)
         )
+
+
+@pytest.mark.parametrize("kind", ["aaa", "flow", "zzz", "Epsilon"])
+def test_unknown_prediction_types_are_rejected_whatever_their_sort_order(kind):
+    x0, noise, ac, t = _data()
+    with pytest.raises(ValueError, match="unsupported prediction_type"):
+        diffusion_target(x0, noise, ac, t, kind)
