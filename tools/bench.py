@@ -186,8 +186,8 @@ def render(name: str, result: dict) -> str:
 
 
 EXTRA_SECTIONS = {
-    "slow-tests": "python tools/bench.py --only  (runs the slow tests unless --no-slow-tests)",
-    "scale": "python tools/bench.py --only --scale",
+    "slow-tests": "python tools/bench.py --only",
+    "scale": "python tools/bench.py --only --no-slow-tests --scale",
     "mutation": "make mutation",
 }
 
