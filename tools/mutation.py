@@ -68,6 +68,11 @@ EQUIVALENT: dict[tuple[str, int, str], str] = {
         "expand_like's documented input is a per-sample vector [B] (or a scalar, which returns before this "
         "line): for a 1-D tensor shape[0] and shape[-1] are the same number"
     ),
+    (
+        "di_star.losses",
+        211,
+        "norm = torch.sqrt(_flat_sq_norm(diff) + (huber_c**2) * sig.flatten(1)[:, -1] ** 2)",
+    ): "sig is expand_like(sigma) of shape [B, 1, ..., 1]: flatten(1) has one column, so [:, 0] and [:, -1] are the same",
 }
 ANNOTATION = re.compile(r"(:\s*[\w.\[\], ]+\|\s*[\w.\[\]]+\s*[=,)]|->\s*[\w.\[\], ]+\|)")
 
