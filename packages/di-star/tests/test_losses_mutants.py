@@ -252,3 +252,8 @@ def test_unknown_options_are_rejected_whatever_their_sort_order(name):
         L.fake_score_dsm_loss(y, y, y, a, s, name)
     with pytest.raises(ValueError, match="unknown weighting"):
         L.timestep_weight(a, s, name)
+
+
+def test_batch_mismatch_message_names_both_batch_sizes():
+    with pytest.raises(ValueError, match=r"^per-sample values have batch 3, tensor has 2$"):
+        L.expand_like(torch.ones(3), torch.zeros(2, 5, 4))
