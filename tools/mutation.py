@@ -74,6 +74,13 @@ EQUIVALENT: dict[tuple[str, int, str], str] = {
         "norm = torch.sqrt(_flat_sq_norm(diff) + (huber_c**2) * sig.flatten(1)[:, -1] ** 2)",
     ): "sig is expand_like(sigma) of shape [B, 1, ..., 1]: flatten(1) has one column, so [:, 0] and [:, -1] are the same",
 }
+# The same mutated text is equivalent on every line listed.
+_AFTER_CHECK = (
+    "_check_distance has already rejected every value but 'l2' and 'pseudo_huber' two lines up, and of those "
+    "only 'l2' is <= 'l2'"
+)
+for _line in (146, 159, 208):
+    EQUIVALENT[("di_star.losses", _line, 'if distance <= "l2":')] = _AFTER_CHECK
 ANNOTATION = re.compile(r"(:\s*[\w.\[\], ]+\|\s*[\w.\[\]]+\s*[=,)]|->\s*[\w.\[\], ]+\|)")
 
 
