@@ -76,7 +76,7 @@ EQUIVALENT: dict[tuple[str, int, str], str] = {
 }
 # The same mutated text is equivalent on every line listed.
 _AFTER_CHECK = (
-    "_check_distance has already rejected every value but 'l2' and 'pseudo_huber' two lines up, and of those "
+    "_check_distance has already rejected every value but 'l2' and 'pseudo_huber' just above, and of those "
     "only 'l2' is <= 'l2'"
 )
 for _line in (146, 159, 208):
