@@ -80,18 +80,21 @@ def bench_env(threads: int) -> dict[str, str]:
 
 
 def parse_junit(xml_text: str) -> list[dict]:
-    """One row per test case of a pytest ``--junitxml`` report: test id, outcome, seconds (pure)."""
+    """One row per test case of a pytest ``--junitxml`` report: test id, outcome, seconds and, for a test
+    that did not pass, the first line of pytest's message (pure)."""
     rows = []
     for case in ET.fromstring(xml_text).iter("testcase"):
-        outcome = "passed"
+        outcome, message = "passed", ""
         for child in case:
-            if child.tag in ("failure", "error"):
-                outcome = "failed" if child.tag == "failure" else "error"
-                break
-            if child.tag == "skipped":
-                outcome = "skipped"
+            if child.tag in ("failure", "error", "skipped"):
+                outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[child.tag]
+                message = (child.get("message") or "").strip().splitlines()[:1]
+                message = message[0][:200] if message else ""
+                if child.tag != "skipped":
+                    break
         name = f"{case.get('classname', '')}::{case.get('name', '')}".lstrip(":")
-        rows.append({"test": name, "outcome": outcome, "seconds": round(float(case.get("time") or 0), 1)})
+        row = {"test": name, "outcome": outcome, "seconds": round(float(case.get("time") or 0), 1)}
+        rows.append({**row, "message": message} if message else row)
     return rows
 
 

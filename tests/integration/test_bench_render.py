@@ -37,6 +37,7 @@ def test_parse_junit_reports_each_slow_test_outcome():
         "outcome": "passed",
         "seconds": 12.3,
     }
+    assert rows[1]["message"] == "assert 1 == 2" and rows[2]["message"] == "boom"
 
 
 def test_bench_environment_fixes_threads_and_header_states_hardware():
