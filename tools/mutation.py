@@ -74,6 +74,7 @@ EQUIVALENT: dict[tuple[str, int, str], str] = {
         "norm = torch.sqrt(_flat_sq_norm(diff) + (huber_c**2) * sig.flatten(1)[:, -1] ** 2)",
     ): "sig is expand_like(sigma) of shape [B, 1, ..., 1]: flatten(1) has one column, so [:, 0] and [:, -1] are the same",
 }
+EQUIVALENT[("di_star.losses", 59, "if values.ndim <= 0:")] = "a tensor's ndim is never negative"
 # The same mutated text is equivalent on every line listed.
 _AFTER_CHECK = (
     "_check_distance has already rejected every value but 'l2' and 'pseudo_huber' just above, and of those "
