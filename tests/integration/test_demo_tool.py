@@ -31,9 +31,10 @@ def test_set_value_and_seconds_format():
     assert demo.fmt_seconds(125.4) == "2:05"
 
 
-def test_render_report_has_table_links_and_caption():
-    ok = demo.StageResult("teacher", status="ok", wall_s=12.3, cpu_s=20.0, budget_s=60)
+def test_render_report_opens_with_the_overview_then_the_stage_table():
+    ok = demo.StageResult("teacher", status="ok", wall_s=12.3, cpu_s=20.0, work="2 teachers x 8 images")
     ok.images = ["teacher_unet.png"]
+    ok.caption = "The committed teachers."
     ok.grids = [
         {
             "image": "teacher_unet.png",
@@ -44,15 +45,48 @@ def test_render_report_has_table_links_and_caption():
             "seconds": 3.0,
         }
     ]
-    bad = demo.StageResult("mlcm", status="failed", wall_s=5.0, budget_s=110, error="distill exited | code 1")
-    text = demo.render_report([ok, bad], 17.3, 25.0, "test machine", ["a red circle"] * 8, 590, ["judge.md"])
-    assert "tiny demo budgets, not the benchmark" in text
-    assert "make bench" in text and "BENCHMARKS.md" in text
-    assert "| teacher | ok | 12.3 | 20.0 | 60 |" in text
-    assert "distill exited / code 1" in text  # pipes would break the table
-    assert "![teacher_unet.png](teacher_unet.png)" in text
-    assert "[judge.md](judge.md)" in text
-    assert "0.625" in text and "1/2 stages ok" in text
+    judge = demo.StageResult("listener-reward", status="ok", images=["judge/pair1.png"])
+    judge.quote = demo.judge_quote(
+        {"prompt": "a red circle", "label": 1}, {"choice": 2, "reasoning": "image 2 : red circle ."}
+    )
+    bad = demo.StageResult("mlcm", status="timeout", wall_s=5.0, error="distill stopped | limit")
+    text = demo.render_report(
+        [ok, judge, bad], 17.3, 25.0, "test machine", ["a red circle"] * 8, ["judge.md"]
+    )
+    overview, rest = text.split("## Stages", 1)
+    assert "## Overview" in overview and "tiny demo budgets, not the benchmark" in overview
+    assert (
+        "![teacher_unet.png](teacher_unet.png)" in overview
+        and "![judge/pair1.png](judge/pair1.png)" in overview
+    )
+    assert "shapes/unet 25 steps 0.625" in overview
+    assert "> image 2 : red circle ." in overview and "annotator prefers image 1" in overview
+    assert "**TIMEOUT**: distill stopped | limit" in overview
+    assert "| teacher | ok | 12.3 | 20.0 | 2 teachers x 8 images |" in rest
+    assert "distill stopped / limit" in rest  # pipes would break the table
+    assert "[judge.md](judge.md)" in rest and "2/3 stages ok" in text
+
+
+def test_exit_code_fails_unless_every_stage_is_ok():
+    ok = demo.StageResult("a", status="ok")
+    assert demo.exit_code([ok, demo.StageResult("b", status="ok")]) == 0
+    for status in ("failed", "timeout", "not run"):
+        assert demo.exit_code([ok, demo.StageResult("b", status=status)]) == 1
+    assert demo.exit_code([]) == 1
+
+
+def test_a_stage_stopped_by_the_safety_limit_is_a_timeout_failure(tmp_path):
+    runner = demo.Demo(tmp_path, stage_limit_s=2, progress=False, total_stages=2)
+    slow = runner.stage(
+        "teacher", lambda r: runner.run([sys.executable, "-c", "import time; time.sleep(30)"], "x")
+    )
+    assert slow.status == "timeout" and "safety limit" in slow.error and slow.wall_s < 25
+    broken = runner.stage("mlcm", lambda r: runner.run([sys.executable, "-c", "raise SystemExit(3)"], "y"))
+    assert broken.status == "failed" and "code 3" in broken.error
+    fine = runner.stage("ecad", lambda r: runner.run([sys.executable, "-c", "print('done')"], "z"))
+    assert fine.status == "ok" and "safety" not in fine.error
+    assert demo.exit_code([slow, broken, fine]) == 1 and demo.exit_code([fine]) == 0
+    assert "2 teachers" in slow.work  # every stage carries its fixed work
 
 
 def test_render_judge_handles_missing_verdicts(tmp_path):

@@ -1,0 +1,136 @@
+"""Reference checks of diffalign.listener_reward.rewards aimed at mutants the first tests let through: ties,
+length checks, the label-to-column mapping of the listener reward and the HTTP shape check. No VLM needed."""
+
+import pytest
+import torch
+
+from diffalign.listener_reward.config import PromptsConfig, RewardConfig
+from diffalign.listener_reward.rewards import (
+    HTTPListener,
+    ListenerReward,
+    accuracy_reward,
+    combine_rewards,
+    contradiction_rate,
+    make_listener_backend,
+)
+
+GOOD1 = "<think> image 1 : match . image 2 : mismatch . </think> <answer> 1 </answer>"
+GOOD2 = "<think> image 1 : mismatch . image 2 : match . </think> <answer> 2 </answer>"
+
+
+class FixedBackend:
+    """Returns the given probabilities and records what it was asked."""
+
+    def __init__(self, probs):
+        self.probs = torch.tensor(probs, dtype=torch.float32)
+        self.calls = []
+
+    def probabilities(self, prompts, images, reasonings):
+        self.calls.append((list(prompts), [list(p) for p in images], list(reasonings)))
+        return self.probs
+
+
+def test_accuracy_reward_needs_one_label_per_completion_both_ways():
+    assert accuracy_reward([GOOD1, GOOD2], label=["1", 2]) == [1.0, 1.0]  # labels may be strings
+    for completions, labels in (([GOOD1], [1, 2]), ([GOOD1, GOOD2], [1])):
+        with pytest.raises(ValueError, match="labels for"):
+            accuracy_reward(completions, label=labels)
+
+
+def test_combine_rewards_length_and_key_checks_and_nan_only_drops_that_term():
+    with pytest.raises(ValueError, match="different lengths"):
+        combine_rewards({"a": [1.0, 2.0], "b": [1.0]}, {"a": 1.0, "b": 1.0})
+    with pytest.raises(KeyError, match="no values for reward terms"):
+        combine_rewards({"a": [1.0]}, {"a": 1.0, "b": 2.0})
+    # a term without weight is ignored; a NaN drops only its own contribution
+    total = combine_rewards(
+        {"a": [2.0, float("nan")], "b": [1.0, 3.0], "c": [9.0, 9.0]}, {"a": 0.25, "b": 2.0}
+    )
+    assert total == [0.5 + 2.0, 6.0]
+    assert combine_rewards({"a": [1.0]}, {}) == [0.0]
+
+
+def test_contradiction_rate_ties_go_to_image_one_and_only_parsed_answers_count():
+    probs = torch.tensor([[0.5, 0.5], [0.5, 0.5], [0.2, 0.8], [0.8, 0.2]])
+    # listener choices: 1 (tie), 1 (tie), 2, 1
+    stats = contradiction_rate([1, 2, 2, 0], probs)
+    assert stats == {"contradiction_rate": pytest.approx(1 / 3), "n": 3}
+    assert contradiction_rate([1, 1, 2, 1], probs) == {"contradiction_rate": 0.0, "n": 4}
+    empty = contradiction_rate([None, 3], torch.tensor([[0.1, 0.9], [0.9, 0.1]]))
+    assert empty["n"] == 0 and empty["contradiction_rate"] != empty["contradiction_rate"]  # NaN
+    for bad in (torch.ones(4, 3), torch.ones(3, 2)):
+        with pytest.raises(ValueError, match="listener_probs must be"):
+            contradiction_rate([1, 2, 2, 0], bad)
+
+
+def test_listener_reward_reads_the_labelled_column_and_logs_disagreement():
+    backend = FixedBackend([[0.7, 0.3], [0.1, 0.9], [0.6, 0.4]])
+    logged = []
+    reward = ListenerReward(backend)
+    out = reward(
+        [GOOD1, GOOD2, GOOD2],
+        label=[1, 2, 2],
+        images=[("a1", "a2"), ("b1", "b2"), ("c1", "c2")],
+        t2i_prompt=["p1", "p2", "p3"],
+        log_metric=lambda name, value: logged.append((name, value)),
+    )
+    assert out == pytest.approx([0.7, 0.9, 0.4])
+    prompts, images, reasonings = backend.calls[0]
+    assert prompts == ["p1", "p2", "p3"] and images[2] == ["c1", "c2"]
+    assert all("<answer>" not in r for r in reasonings)
+    # answers 1, 2, 2 vs listener argmax 1, 2, 1: one contradiction in three
+    assert logged == [("listener_disagreement", pytest.approx(1 / 3))]
+    assert reward.__name__ == "listener_reward"
+
+
+def test_listener_reward_logs_nothing_without_parsed_answers():
+    logged = []
+    ListenerReward(FixedBackend([[0.5, 0.5]]))(
+        ["no answer"],
+        label=[1],
+        images=[("x", "y")],
+        t2i_prompt=["p"],
+        log_metric=lambda *a: logged.append(a),
+    )
+    assert logged == []
+
+
+def test_http_listener_rejects_wrongly_shaped_replies(monkeypatch):
+    import io
+    import json
+
+    from PIL import Image
+
+    class Reply(io.BytesIO):
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    replies = {"probs": [[0.2, 0.8]]}
+    seen = {}
+
+    def fake_urlopen(request, timeout):
+        seen["timeout"] = timeout
+        seen["items"] = json.loads(request.data)["items"]
+        return Reply(json.dumps(replies).encode())
+
+    monkeypatch.setattr("urllib.request.urlopen", fake_urlopen)
+    image = Image.new("RGB", (4, 4), (255, 0, 0))
+    listener = HTTPListener("http://example.invalid/score", timeout_s=7.5)
+    probs = listener.probabilities(["a red square"], [(image, image)], ["image 1 : match ."])
+    assert probs.tolist() == [[pytest.approx(0.2), pytest.approx(0.8)]]
+    assert seen["timeout"] == 7.5 and seen["items"][0]["prompt"] == "a red square"
+    for bad in ([[0.2, 0.8], [0.5, 0.5]], [[0.2, 0.3, 0.5]]):
+        replies["probs"] = bad
+        with pytest.raises(ValueError, match="listener server returned probs of shape"):
+            listener.probabilities(["a red square"], [(image, image)], ["r"])
+
+
+def test_make_listener_backend_choices():
+    cfg = RewardConfig(listener_backend="http", listener_url="http://h/x", listener_timeout_s=3.0)
+    backend = make_listener_backend(cfg, PromptsConfig())
+    assert isinstance(backend, HTTPListener) and backend.url == "http://h/x" and backend.timeout_s == 3.0
+    with pytest.raises(ValueError, match="needs the listener model and processor"):
+        make_listener_backend(RewardConfig(), PromptsConfig())
