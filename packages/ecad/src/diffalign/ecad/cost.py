@@ -36,6 +36,7 @@ __all__ = [
     "schedule_flops",
     "measure_cost_model",
     "measure_latency_model",
+    "cost_model_from_call",
     "count_flops",
     "capture_transformer_call",
 ]
@@ -216,8 +217,13 @@ def measure_cost_model(pipe, call_kwargs: dict[str, Any]) -> CostModel:
     transformer = pipe.transformer
     if get_schedule_state(pipe) is not None:
         raise ScheduleError("remove the caching schedule before measuring the cost model")
-    arch = detect_architecture(transformer)
     args, kwargs, calls_per_step = capture_transformer_call(pipe, call_kwargs)
+    return cost_model_from_call(transformer, args, kwargs, calls_per_step)
+
+
+def cost_model_from_call(transformer, args: tuple, kwargs: dict[str, Any], calls_per_step: int = 1) -> CostModel:
+    """Per-component FLOPs from one counted ``transformer(*args, **kwargs)`` call."""
+    arch = detect_architecture(transformer)
     with torch.no_grad():
         _, total, per_module = count_flops(transformer, *args, **kwargs)
     layout = block_layout(transformer, arch)
