@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from .config import EcadRecipe
-from .search import run_search
+from .search import calibration_set, run_search, validation_section
 
 __all__ = ["bench_recipe", "main"]
 
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "offspring_per_generation": cfg.search.offspring,
             "generations": int(result.generation.max()) + 1,
             "calibration_images": cfg.calibration.num_prompts * cfg.calibration.num_seeds,
-            "validation_images": cfg.validation.num_prompts * cfg.validation.num_seeds,
+            "validation_images": len(calibration_set(validation_section(cfg))[0]),
             "run_dir": cfg.run_dir,
         }
         _write(report, out)

@@ -129,20 +129,16 @@ class SearchSection(Config):
     )
 
 
-def _validation_default() -> CalibrationSection:
-    return CalibrationSection(num_prompts=32, num_seeds=2, seed_offset=1000, prompt_seed=1)
-
-
 class EcadRecipe(Config):
     run_dir: str = "runs/ecad"
     model: ModelSection = Field(default_factory=ModelSection)
     sampling: SamplingSection = Field(default_factory=SamplingSection)
     calibration: CalibrationSection = Field(default_factory=CalibrationSection)
     validation: CalibrationSection | None = Field(
-        default_factory=_validation_default,
-        description="separate prompts x seeds on which the front is re-scored before a schedule is "
-        "chosen (shapes prompts that are also calibration prompts are left out); None = choose on "
-        "calibration scores",
+        None,
+        description="separate prompts x seeds on which the front is re-scored before a schedule is chosen "
+        "(shapes prompts that are also calibration prompts are left out); None = the calibration section "
+        "with seed_offset + 1000 and prompt_seed + 1",
     )
     quality: QualitySection = Field(default_factory=QualitySection)
     search: SearchSection = Field(default_factory=SearchSection)

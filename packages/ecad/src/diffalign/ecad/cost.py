@@ -221,7 +221,9 @@ def measure_cost_model(pipe, call_kwargs: dict[str, Any]) -> CostModel:
     return cost_model_from_call(transformer, args, kwargs, calls_per_step)
 
 
-def cost_model_from_call(transformer, args: tuple, kwargs: dict[str, Any], calls_per_step: int = 1) -> CostModel:
+def cost_model_from_call(
+    transformer, args: tuple, kwargs: dict[str, Any], calls_per_step: int = 1
+) -> CostModel:
     """Per-component FLOPs from one counted ``transformer(*args, **kwargs)`` call."""
     arch = detect_architecture(transformer)
     with torch.no_grad():

@@ -626,11 +626,19 @@ def run_search(
     wall = wall_before + time.perf_counter() - start
     result = _result(hist_X, hist_F, hist_G, hist_rec, codec, wall, evaluator)
     if is_main:
-        if cfg.validation is not None:
-            val_prompts, val_seeds = calibration_set(cfg.validation, exclude=set(prompts))
-            validate_front(result, make_evaluator(val_prompts, val_seeds), run_dir, cfg)
+        # the front is always re-scored on validation before anything is chosen
+        val_prompts, val_seeds = calibration_set(validation_section(cfg), exclude=set(prompts))
+        validate_front(result, make_evaluator(val_prompts, val_seeds), run_dir, cfg)
         write_front(result, run_dir, cfg)
     return result
+
+
+def validation_section(cfg: EcadRecipe) -> CalibrationSection:
+    """The validation prompts x seeds: ``cfg.validation``, or the calibration section with other seeds."""
+    if cfg.validation is not None:
+        return cfg.validation
+    c = cfg.calibration
+    return c.model_copy(update={"seed_offset": c.seed_offset + 1000, "prompt_seed": c.prompt_seed + 1})
 
 
 def _result(hist_X, hist_F, hist_G, hist_rec, codec, wall, evaluator) -> SearchResult:
