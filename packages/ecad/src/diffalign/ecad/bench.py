@@ -92,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", default="shapes/dit")
     ap.add_argument("--reward", default="shapes-faithfulness")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--stage", choices=["all", "search", "quality", "timing"], default="all")
+    ap.add_argument("--stage", choices=["all", "search", "quality", "timing", "table"], default="all")
     ap.add_argument("--timing-only", action="store_true", help="same as --stage timing")
     ap.add_argument("--scale-row", action="store_true", help="timing: add the PixArt-alpha-size row")
     ap.add_argument("--run-dir", default=None, help="search run dir (resumed if it exists)")
@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = bench_recipe(args)
     out = Path(args.out)
     report = json.loads(out.read_text()) if out.is_file() else {}
+    if args.stage == "table":
+        print(table(report))
+        return report
     pipe = load_pipeline(args.model)
     pipe.transformer.eval()
     if args.stage in ("all", "search"):
@@ -149,6 +152,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         timing_rows(pipe, cfg, args, report, out)
     return report
+
+
+def table(report: dict[str, Any]) -> str:
+    """Markdown table of the quality rows with the timing ratios beside them (``--stage table``)."""
+    rows = report.get("quality", {}).get("rows", {})
+    timing = report.get("timing", {}).get("rows", {})
+
+    def f(v, nd=3):
+        return "" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+
+    lines = [
+        "| method | faithfulness | p90 distance | changed | FID vs no cache | FLOP ratio | CPU-time ratio | wall ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in sorted(rows.items(), key=lambda kv: -kv[1].get("flop_ratio", 0)):
+        if "error" in r:
+            lines.append(f"| {name} | error: {r['error']} |||||||")
+            continue
+        t = timing.get(name, {})
+        flag = "" if r.get("hooked_and_cached", True) else " (cached nothing)"
+        lines.append(
+            f"| {name}{flag} | {f(r.get('faithfulness'))} | {f(r.get('distance_p90'))} | {f(r.get('changed_share'), 2)} | "
+            f"{f(r.get('fid_vs_no_cache'), 1)} | {f(r.get('flop_ratio'))} | "
+            f"{f(t.get('cpu_ratio', {}).get('median'))} | {f(t.get('wall_ratio', {}).get('median'))} |"
+        )
+    return "\n".join(lines)
 
 
 def _write(report: dict[str, Any], out: Path) -> None:
