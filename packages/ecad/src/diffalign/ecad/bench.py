@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t0 = time.process_time()
         w0 = time.perf_counter()
         result = run_search(cfg, pipe=pipe, show_progress=False)
+        _OWNED.add("search")
         report["search"] = {
             "cpu_time_s_this_call": time.process_time() - t0,
             "wall_time_s_this_call_under_load": time.perf_counter() - w0,
@@ -146,10 +147,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.stage in ("all", "quality"):
         from .bench_rows import quality_rows
 
+        _OWNED.add("quality")
         quality_rows(pipe, cfg, args, report, out)
     if args.stage in ("all", "timing"):
         from .bench_rows import timing_rows
 
+        _OWNED.add("timing")
         timing_rows(pipe, cfg, args, report, out)
     return report
 
@@ -180,13 +183,18 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+_OWNED: set[str] = set()  # top-level keys produced by the stages run in this process
+
+
 def _write(report: dict[str, Any], out: Path) -> None:
     """Write ``report`` merged over what is on disk (stages may run in separate processes)."""
     from diffalign.core.report import write_json
 
-    if out.is_file():
+    if out.is_file():  # keep what other stages wrote meanwhile; this process owns only what it produced
         on_disk = json.loads(out.read_text())
-        on_disk.update(report)
+        for key in _OWNED:
+            if key in report:
+                on_disk[key] = report[key]
         report.clear()
         report.update(on_disk)
     report.setdefault("package", "diffalign-ecad")
