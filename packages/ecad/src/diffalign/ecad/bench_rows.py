@@ -372,7 +372,7 @@ def timing_rows(pipe, cfg: EcadRecipe, args, report: dict[str, Any], out: Path) 
     keep = {
         "no_cache",
         "no_cache+kv",
-        "ecad_hooks_all_recompute",
+        "all_recompute_hooks",
         "fora_every_2+kv",
         "fora_every_3+kv",
         "fora_every_2",
