@@ -129,7 +129,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t0 = time.process_time()
         w0 = time.perf_counter()
         result = run_search(cfg, pipe=pipe, show_progress=False)
-        _OWNED.add("search")
         report["search"] = {
             "cpu_time_s_this_call": time.process_time() - t0,
             "wall_time_s_this_call_under_load": time.perf_counter() - w0,
@@ -143,16 +142,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "validation_images": len(calibration_set(validation_section(cfg))[0]),
             "run_dir": cfg.run_dir,
         }
-        _write(report, out)
+        _write(report, out, ("search",))
     if args.stage in ("all", "quality"):
         from .bench_rows import quality_rows
 
-        _OWNED.add("quality")
         quality_rows(pipe, cfg, args, report, out)
     if args.stage in ("all", "timing"):
         from .bench_rows import timing_rows
 
-        _OWNED.add("timing")
         timing_rows(pipe, cfg, args, report, out)
     return report
 
@@ -183,16 +180,13 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-_OWNED: set[str] = set()  # top-level keys produced by the stages run in this process
-
-
-def _write(report: dict[str, Any], out: Path) -> None:
-    """Write ``report`` merged over what is on disk (stages may run in separate processes)."""
+def _write(report: dict[str, Any], out: Path, keys: tuple[str, ...] = ()) -> None:
+    """Write ``report``'s ``keys`` merged over what is on disk (stages may run in separate processes)."""
     from diffalign.core.report import write_json
 
     if out.is_file():  # keep what other stages wrote meanwhile; this process owns only what it produced
         on_disk = json.loads(out.read_text())
-        for key in _OWNED:
+        for key in keys:
             if key in report:
                 on_disk[key] = report[key]
         report.clear()

@@ -144,10 +144,10 @@ def methods(pipe, cfg: EcadRecipe, baseline_ratios: dict[str, float] | None = No
     return out
 
 
-def _write(report, out):
+def _write(report, out, key):
     from .bench import _write as write
 
-    write(report, out)
+    write(report, out, (key,))
 
 
 def _count_ratio(pipe, method: Method, original, kw, plain_flops: float, name: str) -> tuple[float, int]:
@@ -237,7 +237,7 @@ def quality_rows(pipe, cfg: EcadRecipe, args, report: dict[str, Any], out: Path)
                     "bit_exact_vs_no_cache_first_16": bool(torch.equal(first, ref[:16])),
                     "kind": "schedule",
                 }
-                _write(report, out)
+                _write(report, out, "quality")
                 return rows[method.name]
             if method.same_images_as is not None:
                 row = {
@@ -257,12 +257,12 @@ def quality_rows(pipe, cfg: EcadRecipe, args, report: dict[str, Any], out: Path)
                     row["builtin_hooks"] = hooks
                     row["hooked_and_cached"] = hooks > 0 and ratio < 0.999
                 rows[method.name] = row
-                _write(report, out)
+                _write(report, out, "quality")
                 return row
             imgs = images_of(method)
         except Exception as err:  # noqa: BLE001 - report a baseline that cannot run, do not hide it
             rows[method.name] = {"error": f"{type(err).__name__}: {err}"}
-            _write(report, out)
+            _write(report, out, "quality")
             return rows[method.name]
         dist = paired_distances(imgs, ref)
         s = scores(imgs)
@@ -289,7 +289,7 @@ def quality_rows(pipe, cfg: EcadRecipe, args, report: dict[str, Any], out: Path)
         if method.info:
             row.update(method.info)
         rows[method.name] = row
-        _write(report, out)
+        _write(report, out, "quality")
         print(
             json.dumps({"method": method.name, **{k: v for k, v in row.items() if not isinstance(v, list)}}),
             flush=True,
@@ -312,7 +312,7 @@ def quality_rows(pipe, cfg: EcadRecipe, args, report: dict[str, Any], out: Path)
             ] else None
             do(m)
     q["comparison"] = _compare(rows)
-    _write(report, out)
+    _write(report, out, "quality")
 
 
 def _compare(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -439,10 +439,10 @@ def timing_rows(pipe, cfg: EcadRecipe, args, report: dict[str, Any], out: Path) 
         },
         "rows": rows,
     }
-    _write(report, out)
+    _write(report, out, "timing")
     if args.scale_row:
         report["timing"]["scale"] = scale_row(repeats=max(2, min(repeats, 3)))
-        _write(report, out)
+        _write(report, out, "timing")
 
 
 def scale_row(repeats: int = 3, steps: int = 10) -> dict[str, Any]:
