@@ -76,7 +76,14 @@ def tiny_recipe(run_dir, source="unused", **search):
                 "num_prompts": 2,
                 "num_seeds": 1,
             },
+            "validation": {"prompts": ["a green square", "a blue circle"], "num_prompts": 2, "num_seeds": 1},
             "quality": {"reward": "ecad_test_support:make_reward"},
-            "search": {"population_size": 4, "generations": 3, "seed": 0, **search},
+            "search": {
+                "population_size": 4,
+                "generations": 3,
+                "seed": 0,
+                "seed_builtin_recordings": False,
+                **search,
+            },
         }
     )

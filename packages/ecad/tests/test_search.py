@@ -32,6 +32,7 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, pixart_pipe):
         s = Schedule.load(tmp_path / "full" / e["path"])
         assert s.num_cached() >= 1 and s.num_steps == 3
         assert 0 < e["flop_ratio"] < 1
+        assert "validation_fidelity" in e and "validation_reward" in e
     # the no-cache schedule was evaluated (as infeasible) and is the baseline
     assert summary["baseline_reward"] is not None
     feasible = np.all(full.G <= 0, axis=1)
@@ -51,18 +52,25 @@ def test_resume_with_a_different_recipe_is_refused(tmp_path, pixart_pipe):
         _run(other, pixart_pipe)
 
 
-def test_initial_population_is_seeded_with_heuristics(tmp_path, pixart_pipe):
-    from diffalign.ecad.schedule import fora, no_cache
+def test_initial_population_keeps_every_seed_keyed_on_the_effective_schedule(tmp_path, pixart_pipe):
+    from diffalign.ecad.genome import GenomeCodec
+    from diffalign.ecad.schedule import fora, heuristic_population, no_cache
 
-    cfg = tiny_recipe(tmp_path, population_size=6)
+    cfg = tiny_recipe(tmp_path, population_size=4)
     template = no_cache(pixart_pipe.transformer, 3)
-    X0 = initial_population(template, cfg, np.random.default_rng(0))
-    assert X0.shape == (6, template.recompute.numel())
-    assert np.array_equal(X0[0], template.to_genome().numpy())
-    assert np.array_equal(X0[1], fora(pixart_pipe.transformer, 3, 2).to_genome().numpy())
+    codec = GenomeCodec(template)
+    heur = heuristic_population(pixart_pipe.transformer, 3)
+    extra = fora(pixart_pipe.transformer, 3, 2).with_name("recorded")
+    extra.recompute[0] = False  # differs only in step-0 bits: the same effective schedule as FORA-2
+    X0 = initial_population(codec, cfg, np.random.default_rng(0), [extra])
+    effective = {codec.encode(s).tobytes() for s in heur}
+    assert X0.shape == (max(4, len(effective)), codec.n_var) and len(effective) > 4  # grew to hold all
+    assert {x.tobytes() for x in X0} >= effective
+    assert np.array_equal(X0[0], codec.encode(template))
+    assert len({x.tobytes() for x in X0}) == len(X0)
     cfg_rand = tiny_recipe(tmp_path, population_size=6, seed_heuristics=False)
-    X1 = initial_population(template, cfg_rand, np.random.default_rng(0))
-    assert not np.array_equal(X1[0], X0[0])
+    X1 = initial_population(codec, cfg_rand, np.random.default_rng(0))
+    assert len(X1) == 6 and not np.array_equal(X1[0], X0[0])
 
 
 def test_calibration_set_is_prompts_times_seeds(tmp_path):

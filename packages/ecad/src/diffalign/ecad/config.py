@@ -79,15 +79,50 @@ class SearchSection(Config):
     mutation_bit_prob: float | None = Field(
         None, ge=0, le=1, description="per-bit flip probability of a mutated child; None = 1/n_bits"
     )
+    offspring: int | None = Field(None, ge=1, description="children per generation; None = population size")
     min_cached_bits: int = Field(1, ge=0, description="constraint: at least this many reused evaluations")
     seed_heuristics: bool = Field(True, description="initial population: no-cache, FORA, TGATE, grids")
+    seed_builtin_recordings: bool = Field(
+        True,
+        description="initial population: static recordings of diffusers' built-in caches' decisions "
+        "(FirstBlockCache, PAB, FasterCache, TaylorSeer) on the first calibration batch",
+    )
+    crossover: Literal["component", "point"] = Field(
+        "component",
+        description="component: children mix whole (block, component) tracks, steps or component slots; "
+        "point: the paper's n-point crossover on the flat genome",
+    )
+    mutation: Literal["structured", "bitflip"] = Field(
+        "structured",
+        description="structured: every child gets one box/track/bit move; bitflip: the paper's operator "
+        "(mutation_prob of the children, mutation_bit_prob per bit)",
+    )
+    quality_objective: Literal["fidelity", "reward"] = Field(
+        "fidelity",
+        description="fidelity: a high quantile of the per-image relative L2 distance to the no-cache image "
+        "(same prompt and seed); reward: 1 - mean reward (the paper's objective)",
+    )
+    fidelity_quantile: float = Field(0.9, gt=0, le=1, description="quantile of the per-image distances")
+    reward_tolerance: float | None = Field(
+        0.02,
+        ge=0,
+        description="constraint: mean reward >= no-cache reward - tolerance (None = no reward constraint)",
+    )
+    step_invariant_cache: bool = Field(
+        True, description="compute caption-only projections once per generation (bit-exact)"
+    )
+    cost_model: Literal["flops", "latency"] = Field(
+        "flops",
+        description="second objective: analytic FLOPs, or per-component latencies measured on this device",
+    )
     initial_schedules: list[str] = Field(default_factory=list, description="schedule JSON files to seed with")
     objective: Literal["flops", "flop_ratio"] = Field(
         "flop_ratio", description="compute objective: absolute FLOPs or FLOPs / no-cache FLOPs (same front)"
     )
     choose_at_flop_ratios: list[float] = Field(
         default_factory=lambda: [0.75, 0.5, 0.35],
-        description="write run_dir/chosen/flop_ratio_X.json: the best-reward front schedule within each budget",
+        description="write run_dir/chosen/flop_ratio_X.json: within each cost budget, the front schedule "
+        "with the best validation objective that meets the validation reward constraint",
     )
     num_threads: int | None = Field(
         None, ge=1, description="torch threads per process (None = torch default)"
@@ -99,6 +134,12 @@ class EcadRecipe(Config):
     model: ModelSection = Field(default_factory=ModelSection)
     sampling: SamplingSection = Field(default_factory=SamplingSection)
     calibration: CalibrationSection = Field(default_factory=CalibrationSection)
+    validation: CalibrationSection | None = Field(
+        None,
+        description="separate prompts x seeds on which the front is re-scored before a schedule is chosen "
+        "(shapes prompts that are also calibration prompts are left out); None = the calibration section "
+        "with seed_offset + 1000 and prompt_seed + 1",
+    )
     quality: QualitySection = Field(default_factory=QualitySection)
     search: SearchSection = Field(default_factory=SearchSection)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)

@@ -1,14 +1,24 @@
 """NSGA-II search for caching schedules (ECAD, arXiv 2506.15682, section 3).
 
-Genome: the flattened ``recompute`` tensor of a :class:`~diffalign.ecad.schedule.Schedule`.
-Objectives (both minimised): ``1 - mean reward`` over calibration prompts x seeds, and compute
-(FLOPs of the transformer for a full sampling run, as a ratio to no caching by default).
-Constraint: at least ``min_cached_bits`` evaluations are reused (``G = min_cached_bits - cached <= 0``).
-Counting the bits of the *effective* schedule (step 0 always recomputes) keeps a schedule that only
-"caches" at step 0 from passing as cached.
+Genome: the effective bits of a :class:`~diffalign.ecad.schedule.Schedule` without step 0 (see
+:mod:`~diffalign.ecad.genome`), so duplicates are recognised on what actually runs.
+Objectives (both minimised):
 
-Operators as in the paper's code: pymoo ``NSGA2`` through ask/tell, ``PointCrossover(prob=0.9,
-n_points=4)``, ``BitflipMutation(prob=0.05)``, initial population seeded with heuristic schedules.
+* quality: by default a high quantile (``fidelity_quantile``) of the per-image relative L2 distance
+  between the image a schedule produces and the no-cache image of the same prompt and seed (paired,
+  so prompt and seed noise cancel; a quantile, because the mean is driven by the few images whose
+  content flips). ``quality_objective: reward`` uses the paper's ``1 - mean reward`` instead.
+* compute: FLOPs of the transformer for a full sampling run (ratio to the plain no-cache run), or
+  measured latency (``cost_model: latency``).
+
+Constraints: at least ``min_cached_bits`` evaluations are reused, and the mean reward stays within
+``reward_tolerance`` of the no-cache reward.
+
+pymoo ``NSGA2`` through ask/tell. The initial population holds every heuristic seed and a static
+recording of each built-in cache's decisions (the population grows to hold them all). Operators:
+component-wise crossover and structured mutation by default, the paper's ``PointCrossover`` and
+``BitflipMutation`` on request. The front is re-scored on a separate validation set, and schedules
+are chosen per budget on validation scores only.
 
 Reliability: every evaluation is deterministic (seeded generator per image), so a checkpoint only
 stores the evaluated genomes and their objectives per generation; resuming replays the GA with the
@@ -31,7 +41,8 @@ import numpy as np
 import torch
 
 from .config import CalibrationSection, EcadRecipe
-from .cost import CostModel, measure_cost_model
+from .cost import CostModel, measure_cost_model, measure_latency_model
+from .genome import ComponentCrossover, GenomeCodec, StructuredMutation
 from .hooks import apply_schedule, remove_schedule
 from .pareto import non_dominated_mask
 from .sampling import generate, pipeline_call_kwargs
@@ -45,7 +56,10 @@ __all__ = [
     "SearchResult",
     "run_search",
     "initial_population",
+    "builtin_recordings",
+    "paired_distances",
     "write_front",
+    "validate_front",
 ]
 
 
@@ -64,8 +78,10 @@ def _shapes_prompts(skill: str, n: int, split: str, seed: int) -> list[str]:
     return list(sample_prompts(skill, n, split=split, seed=seed))
 
 
-def calibration_set(cfg: CalibrationSection) -> tuple[list[str], list[int]]:
-    """``(prompts, seeds)`` of equal length: every prompt with every seed (prompt-major order)."""
+def calibration_set(cfg: CalibrationSection, exclude: set[str] | None = None) -> tuple[list[str], list[int]]:
+    """``(prompts, seeds)`` of equal length: every prompt with every seed (prompt-major order).
+
+    ``exclude``: shapes-world prompts to leave out (a validation set drawn beside the calibration set)."""
     if cfg.prompts is not None:
         prompts = list(cfg.prompts)
     elif cfg.prompt_file is not None:
@@ -91,7 +107,8 @@ def calibration_set(cfg: CalibrationSection) -> tuple[list[str], list[int]]:
         prompts = []
         for skill, n in zip(skills, per):
             if n:
-                prompts += _shapes_prompts(skill, n, cfg.shapes_split, cfg.prompt_seed)
+                drawn = _shapes_prompts(skill, 4 * n if exclude else n, cfg.shapes_split, cfg.prompt_seed)
+                prompts += [p for p in drawn if not exclude or p not in exclude][:n]
     prompts = prompts[: cfg.num_prompts]
     seeds = list(range(cfg.seed_offset, cfg.seed_offset + cfg.num_seeds))
     return [p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds]
@@ -140,6 +157,25 @@ class CandidateEvaluator:
     batch_size: int = 16
     device: Any = "cpu"
     extra_call_kwargs: dict[str, Any] = field(default_factory=dict)
+    codec: GenomeCodec | None = None
+    step_invariant: bool = True
+    fidelity_quantile: float = 0.9
+    reference: torch.Tensor | None = None  # no-cache images of the calibration set
+    baseline_reward: float | None = None
+
+    def prepare(self) -> None:
+        """Generate and score the no-cache images once (the paired reference of every candidate)."""
+        if self.reference is None:
+            self.reference = self.images(None)
+            self.baseline_reward = float(self._scores(self.reference).mean())
+
+    def _scores(self, images: torch.Tensor) -> torch.Tensor:
+        out = []
+        for i in range(0, len(self.prompts), self.batch_size):
+            out.append(
+                _score(self.reward, images[i : i + self.batch_size], self.prompts[i : i + self.batch_size])
+            )
+        return torch.cat(out)
 
     def _generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         return generate(
@@ -167,7 +203,7 @@ class CandidateEvaluator:
 
     def _run(self, schedule, per_batch, combine):
         if schedule is not None:
-            apply_schedule(self.pipe, schedule)
+            apply_schedule(self.pipe, schedule, step_invariant=self.step_invariant)
         try:
             outs = []
             for i in range(0, len(self.prompts), self.batch_size):
@@ -178,15 +214,39 @@ class CandidateEvaluator:
             if schedule is not None:
                 remove_schedule(self.pipe)
 
+    def schedule_of(self, genome: np.ndarray) -> Schedule:
+        if self.codec is None:
+            return Schedule.from_genome(torch.from_numpy(np.asarray(genome, dtype=bool)), self.template)
+        return self.codec.decode(genome)
+
     def evaluate(self, genome: np.ndarray) -> dict[str, float]:
-        schedule = Schedule.from_genome(torch.from_numpy(np.asarray(genome, dtype=bool)), self.template)
+        return self.evaluate_schedule(self.schedule_of(genome))
+
+    def evaluate_schedule(self, schedule: Schedule) -> dict[str, float]:
+        """Reward, paired distances to the no-cache images, and cost of one schedule."""
+        self.prepare()
+        images = self.images(schedule)
+        dist = paired_distances(images, self.reference)
         flops = self.cost_model.flops(schedule)
         return {
-            "reward": self.quality(schedule),
+            "reward": float(self._scores(images).mean()),
+            "fidelity": float(torch.quantile(dist, self.fidelity_quantile)),
+            "distance_mean": float(dist.mean()),
+            "distance_median": float(dist.median()),
             "flops": flops,
             "flop_ratio": flops / self.cost_model.no_cache_flops(schedule.num_steps),
             "num_cached": schedule.num_cached(),
         }
+
+
+def paired_distances(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per-image relative L2 distance ``||x - x_ref|| / ||x_ref||`` (same prompt and seed)."""
+    if images.shape != reference.shape:
+        raise ValueError(
+            f"images {tuple(images.shape)} and reference {tuple(reference.shape)} differ in shape"
+        )
+    diff = (images.float() - reference.float()).flatten(1).norm(dim=1)
+    return diff / reference.float().flatten(1).norm(dim=1).clamp_min(1e-12)
 
 
 def _distributed_map(accelerator, items: list, fn: Callable) -> list:
@@ -208,8 +268,13 @@ def _distributed_map(accelerator, items: list, fn: Callable) -> list:
 # ---------------------------------------------------------------------------------------------- GA
 
 
-def initial_population(template: Schedule, cfg: EcadRecipe, rng: np.random.Generator) -> np.ndarray:
-    """Seed schedules (files, then heuristics), filled up to the population size with uniform random bits."""
+def initial_population(
+    codec: GenomeCodec, cfg: EcadRecipe, rng: np.random.Generator, extra: list[Schedule] | None = None
+) -> np.ndarray:
+    """Seed schedules (files, heuristics, ``extra`` such as built-in recordings), de-duplicated on the
+    effective schedule, filled up to the population size with uniform random bits. Every seed is kept:
+    the population grows to hold them all."""
+    template = codec.template
     seeds: list[Schedule] = []
     for path in cfg.search.initial_schedules:
         s = Schedule.load(path)
@@ -225,16 +290,59 @@ def initial_population(template: Schedule, cfg: EcadRecipe, rng: np.random.Gener
         seeds.append(s)
     if cfg.search.seed_heuristics:
         seeds += heuristic_population(template.architecture, template.num_steps, template.group_sizes)
+    seeds += list(extra or [])
     rows: list[np.ndarray] = []
+    keys: set[bytes] = set()
     for s in seeds:
-        g = s.to_genome().numpy()
-        if not any(np.array_equal(g, r) for r in rows):
+        g = codec.encode(s)
+        k = np.packbits(g).tobytes()
+        if k not in keys:
+            keys.add(k)
             rows.append(g)
-    rows = rows[: cfg.search.population_size]
-    n_var = template.recompute.numel()
     while len(rows) < cfg.search.population_size:
-        rows.append(rng.random(n_var) < 0.5)
+        g = rng.random(codec.n_var) < 0.5
+        k = np.packbits(g).tobytes()
+        if k not in keys:
+            keys.add(k)
+            rows.append(g)
     return np.stack(rows).astype(bool)
+
+
+def builtin_recordings(pipe, evaluator: CandidateEvaluator, names=None, log=print) -> list[Schedule]:
+    """Static schedules imitating each built-in cache on the first calibration batch (see
+    :func:`~diffalign.ecad.baselines.record_schedule`); a built-in that cannot run on this model is
+    reported and skipped."""
+    import copy
+
+    from .baselines import BUILTIN_CACHES, BuiltinCache, record_schedule
+
+    n = min(evaluator.batch_size, len(evaluator.prompts))
+    prompts, seeds = evaluator.prompts[:n], evaluator.seeds[:n]
+    original = pipe.transformer
+    out = []
+    for name in names or BUILTIN_CACHES:
+        pipe.transformer = copy.deepcopy(original)
+        try:
+            cache = BuiltinCache(name, pipe.transformer).apply()
+
+            def run(cache=cache):
+                with cache.context():
+                    evaluator._generate(prompts, seeds)
+
+            out.append(
+                record_schedule(
+                    pipe,
+                    run,
+                    evaluator.num_inference_steps,
+                    f"recorded_{name}",
+                    evaluator.cost_model.calls_per_step,
+                )
+            )
+        except Exception as err:  # noqa: BLE001 - a seed is optional; say why it is missing
+            log(f"ecad: no recording of {name}: {type(err).__name__}: {err}")
+        finally:
+            pipe.transformer = original
+    return out
 
 
 def _search_fingerprint(cfg: EcadRecipe, n_var: int) -> str:
@@ -260,16 +368,23 @@ class SearchResult:
     template: Schedule
     baseline_reward: float | None
     wall_time_s: float
+    codec: GenomeCodec | None = None
+    validation: dict[str, dict[str, float]] = field(default_factory=dict)  # genome key -> scores
+
+    def key(self, i: int) -> str:
+        return np.packbits(self.X[i]).tobytes().hex()
 
     def front_schedules(self) -> list[Schedule]:
         out = []
         for i in self.front:
-            s = Schedule.from_genome(
-                torch.from_numpy(self.X[i]), self.template, name=f"gen{self.generation[i]:03d}_eval{i:05d}"
-            )
+            name = f"gen{self.generation[i]:03d}_eval{i:05d}"
+            s = self.codec.decode(self.X[i], name=name)
             s.metadata = {k: float(v) for k, v in self.records[i].items()} | {
                 "generation": int(self.generation[i])
             }
+            val = self.validation.get(self.key(i))
+            if val is not None:
+                s.metadata |= {f"validation_{k}": float(v) for k, v in val.items()}
             out.append(s)
         return out
 
@@ -277,31 +392,44 @@ class SearchResult:
 def _make_problem(n_var: int):
     from pymoo.core.problem import Problem
 
-    return Problem(n_var=n_var, n_obj=2, n_ieq_constr=1, xl=0, xu=1, vtype=bool)
+    return Problem(n_var=n_var, n_obj=2, n_ieq_constr=2, xl=0, xu=1, vtype=bool)
 
 
-def _make_algorithm(cfg: EcadRecipe, X0: np.ndarray):
+def _make_algorithm(cfg: EcadRecipe, X0: np.ndarray, codec: GenomeCodec):
     from pymoo.algorithms.moo.nsga2 import NSGA2
     from pymoo.core.population import Population
     from pymoo.operators.crossover.pntx import PointCrossover
     from pymoo.operators.mutation.bitflip import BitflipMutation
 
     s = cfg.search
-    mutation_kwargs = {"prob": s.mutation_prob}
-    if s.mutation_bit_prob is not None:
-        mutation_kwargs["prob_var"] = s.mutation_bit_prob
+    if s.mutation == "structured":
+        mutation = StructuredMutation(codec)
+    else:
+        mutation_kwargs = {"prob": s.mutation_prob}
+        if s.mutation_bit_prob is not None:
+            mutation_kwargs["prob_var"] = s.mutation_bit_prob
+        mutation = BitflipMutation(**mutation_kwargs)
+    if s.crossover == "component":
+        crossover = ComponentCrossover(codec, prob=s.crossover_prob)
+    else:
+        crossover = PointCrossover(prob=s.crossover_prob, n_points=s.crossover_points)
     return NSGA2(
-        pop_size=s.population_size,
+        pop_size=len(X0),
+        n_offsprings=s.offspring or s.population_size,
         sampling=Population.new("X", X0),
-        crossover=PointCrossover(prob=s.crossover_prob, n_points=s.crossover_points),
-        mutation=BitflipMutation(**mutation_kwargs),
+        crossover=crossover,
+        mutation=mutation,
         eliminate_duplicates=True,
     )
 
 
-def _objectives(rec: dict[str, float], cfg: EcadRecipe) -> tuple[list[float], list[float]]:
+def _objectives(rec: dict[str, float], cfg: EcadRecipe, baseline_reward: float | None):
     compute = rec["flop_ratio"] if cfg.search.objective == "flop_ratio" else rec["flops"]
-    return [1.0 - rec["reward"], compute], [float(cfg.search.min_cached_bits - rec["num_cached"])]
+    quality = rec["fidelity"] if cfg.search.quality_objective == "fidelity" else 1.0 - rec["reward"]
+    G = [float(cfg.search.min_cached_bits - rec["num_cached"])]
+    tol = cfg.search.reward_tolerance
+    G.append(-1.0 if tol is None or baseline_reward is None else float(baseline_reward - tol - rec["reward"]))
+    return [quality, compute], G
 
 
 def run_search(
@@ -340,46 +468,49 @@ def run_search(
     prompts, seeds = calibration_set(cfg.calibration)
     sc = cfg.sampling
     template = no_cache(pipe.transformer, sc.num_inference_steps)
-    cost_model = measure_cost_model(
+    call_kwargs = pipeline_call_kwargs(
         pipe,
-        pipeline_call_kwargs(
-            pipe,
-            prompts[: sc.batch_size],
-            seeds[: sc.batch_size],
-            sc.num_inference_steps,
-            sc.guidance_scale,
-            sc.height,
-            sc.width,
-            device,
-            sc.extra_call_kwargs,
-        ),
-    )
-    # the cost model is per call at the measured batch; ratios are batch-independent, absolute FLOPs are
-    # reported per image
-    per_image = max(1, min(sc.batch_size, len(prompts)))
-    cost_model = CostModel(
-        cost_model.architecture,
-        cost_model.group_sizes,
-        cost_model.component_flops / per_image,
-        cost_model.overhead_flops / per_image,
-        cost_model.calls_per_step,
-    )
-    evaluator = CandidateEvaluator(
-        pipe,
-        reward,
-        cost_model,
-        template,
-        prompts,
-        seeds,
+        prompts[: sc.batch_size],
+        seeds[: sc.batch_size],
         sc.num_inference_steps,
         sc.guidance_scale,
         sc.height,
         sc.width,
-        sc.batch_size,
         device,
         sc.extra_call_kwargs,
     )
-    n_var = template.recompute.numel()
+    if cfg.search.cost_model == "latency":
+        cost_model = measure_latency_model(pipe, call_kwargs)
+    else:
+        cost_model = measure_cost_model(pipe, call_kwargs)
+    # the cost model is per call at the measured batch; ratios are batch-independent, absolute costs are
+    # reported per image
+    per_image = max(1, min(sc.batch_size, len(prompts)))
+    cost_model = cost_model.scaled(1.0 / per_image).with_step_invariant(cfg.search.step_invariant_cache)
+    codec = GenomeCodec(template)
+
+    def make_evaluator(prompts_, seeds_):
+        return CandidateEvaluator(
+            pipe,
+            reward,
+            cost_model,
+            template,
+            prompts_,
+            seeds_,
+            sc.num_inference_steps,
+            sc.guidance_scale,
+            sc.height,
+            sc.width,
+            sc.batch_size,
+            device,
+            sc.extra_call_kwargs,
+            codec=codec,
+            step_invariant=cfg.search.step_invariant_cache,
+            fidelity_quantile=cfg.search.fidelity_quantile,
+        )
+
+    evaluator = make_evaluator(prompts, seeds)
+    n_var = codec.n_var
     fingerprint = _search_fingerprint(cfg, n_var)
 
     ckpt = CheckpointManager(run_dir, keep_last=2)
@@ -389,6 +520,7 @@ def run_search(
     hist_G: list[np.ndarray] = []
     hist_rec: list[list[dict[str, float]]] = []
     wall_before = 0.0
+    X0 = None
     if state is not None:
         if state.get("fingerprint") != fingerprint:
             raise ValueError(
@@ -401,10 +533,18 @@ def run_search(
             hist_G.append(state["G"][g].numpy())
             hist_rec.append(state["records"][g])
         wall_before = float(state["wall_time_s"])
+        X0 = state["X0"].numpy().astype(bool)
+        evaluator.reference = state["reference"]
+        evaluator.baseline_reward = float(state["baseline_reward"])
 
-    rng = np.random.default_rng(cfg.search.seed)
-    X0 = initial_population(template, cfg, rng)
-    algorithm = _make_algorithm(cfg, X0)
+    if X0 is None:  # fresh run: the no-cache reference, the recordings, the initial population
+        evaluator.prepare()
+        recordings = []
+        if cfg.search.seed_builtin_recordings:
+            recordings = builtin_recordings(pipe, evaluator, log=print if is_main else (lambda *_: None))
+        rng = np.random.default_rng(cfg.search.seed)
+        X0 = initial_population(codec, cfg, rng, recordings)
+    algorithm = _make_algorithm(cfg, X0, codec)
     from pymoo.core.termination import NoTermination
 
     algorithm.setup(_make_problem(n_var), termination=NoTermination(), seed=cfg.search.seed, verbose=False)
@@ -443,7 +583,7 @@ def run_search(
             for i, r in zip(todo, results):
                 seen[keys[i]] = r
             recs = [dict(seen[k]) for k in keys]
-            FG = [_objectives(r, cfg) for r in recs]
+            FG = [_objectives(r, cfg, evaluator.baseline_reward) for r in recs]
             F = np.array([f for f, _ in FG], dtype=float)
             G = np.array([g for _, g in FG], dtype=float)
             hist_X.append(X)
@@ -462,9 +602,12 @@ def run_search(
                         "G": [torch.from_numpy(g) for g in hist_G],
                         "records": hist_rec,
                         "wall_time_s": wall,
+                        "X0": torch.from_numpy(X0.astype(np.uint8)),
+                        "reference": evaluator.reference,
+                        "baseline_reward": evaluator.baseline_reward,
                     },
                 )
-                write_front(_result(hist_X, hist_F, hist_G, hist_rec, template, wall, X0), run_dir, cfg)
+                write_front(_result(hist_X, hist_F, hist_G, hist_rec, codec, wall, evaluator), run_dir, cfg)
             if accelerator is not None:
                 accelerator.wait_for_everyone()
         pop.set("F", F)
@@ -481,13 +624,24 @@ def run_search(
     if bar is not None:
         bar.close()
     wall = wall_before + time.perf_counter() - start
-    result = _result(hist_X, hist_F, hist_G, hist_rec, template, wall, X0)
+    result = _result(hist_X, hist_F, hist_G, hist_rec, codec, wall, evaluator)
     if is_main:
+        # the front is always re-scored on validation before anything is chosen
+        val_prompts, val_seeds = calibration_set(validation_section(cfg), exclude=set(prompts))
+        validate_front(result, make_evaluator(val_prompts, val_seeds), run_dir, cfg)
         write_front(result, run_dir, cfg)
     return result
 
 
-def _result(hist_X, hist_F, hist_G, hist_rec, template, wall, X0) -> SearchResult:
+def validation_section(cfg: EcadRecipe) -> CalibrationSection:
+    """The validation prompts x seeds: ``cfg.validation``, or the calibration section with other seeds."""
+    if cfg.validation is not None:
+        return cfg.validation
+    c = cfg.calibration
+    return c.model_copy(update={"seed_offset": c.seed_offset + 1000, "prompt_seed": c.prompt_seed + 1})
+
+
+def _result(hist_X, hist_F, hist_G, hist_rec, codec, wall, evaluator) -> SearchResult:
     X = np.concatenate(hist_X, 0)
     F = np.concatenate(hist_F, 0)
     G = np.concatenate(hist_G, 0)
@@ -499,9 +653,47 @@ def _result(hist_X, hist_F, hist_G, hist_rec, template, wall, X0) -> SearchResul
     X, F, G, gen, recs = X[first], F[first], G[first], gen[first], [recs[i] for i in first]
     front = np.flatnonzero(non_dominated_mask(F, G))
     front = front[np.argsort(F[front, 1])]
-    default = template.to_genome().numpy()
-    base = [recs[i]["reward"] for i in range(len(X)) if np.array_equal(X[i], default)]
-    return SearchResult(X, F, G, gen, recs, front, template, base[0] if base else None, wall)
+    return SearchResult(X, F, G, gen, recs, front, codec.template, evaluator.baseline_reward, wall, codec)
+
+
+def choose(
+    entries: list[dict[str, Any]], budget: float, cfg: EcadRecipe | None, validation_baseline: float | None
+) -> dict[str, Any] | None:
+    """The front entry to use within a cost budget: on validation scores when the front was validated
+    (best validation quality among entries meeting the validation reward constraint), otherwise on
+    calibration scores. ``None`` if no entry fits the budget."""
+    ok = [e for e in entries if e["flop_ratio"] <= budget + 1e-12]
+    if not ok:
+        return None
+    use_reward = cfg is not None and cfg.search.quality_objective == "reward"
+    prefix = "validation_" if all("validation_reward" in e for e in ok) else ""
+    tol = cfg.search.reward_tolerance if cfg is not None else None
+    if prefix and tol is not None and validation_baseline is not None:
+        meets = [e for e in ok if e["validation_reward"] >= validation_baseline - tol]
+        ok = meets or ok
+    if use_reward or f"{prefix}fidelity" not in ok[0]:
+        return max(ok, key=lambda e: e[f"{prefix}reward"])
+    return min(ok, key=lambda e: e[f"{prefix}fidelity"])
+
+
+def validate_front(
+    result: SearchResult, evaluator: CandidateEvaluator, run_dir: str | Path, cfg=None
+) -> None:
+    """Re-score every front schedule on the validation set (cached in ``run_dir/validation.json``)."""
+    import json as _json
+
+    path = Path(run_dir) / "validation.json"
+    cache = _json.loads(path.read_text()) if path.is_file() else {}
+    todo = [i for i in result.front if result.key(i) not in cache]
+    if todo or "no_cache" not in cache:
+        evaluator.prepare()
+        cache["no_cache"] = {"reward": evaluator.baseline_reward, "images": len(evaluator.prompts)}
+        for i in todo:
+            cache[result.key(i)] = evaluator.evaluate(result.X[i])
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(_json.dumps(cache, indent=1) + "\n")
+        tmp.replace(path)
+    result.validation = cache
 
 
 def write_front(result: SearchResult, run_dir: str | Path, cfg: EcadRecipe | None = None) -> dict[str, Any]:
@@ -521,10 +713,12 @@ def write_front(result: SearchResult, run_dir: str | Path, cfg: EcadRecipe | Non
     budgets = cfg.search.choose_at_flop_ratios if cfg is not None else (0.75, 0.5, 0.35)
     chosen_dir = run_dir / "chosen"
     chosen_dir.mkdir(exist_ok=True)
+    for old in chosen_dir.glob("*.json"):
+        old.unlink()
+    val_base = result.validation.get("no_cache", {}).get("reward")
     for budget in budgets:
-        ok = [e for e in entries if e["flop_ratio"] <= budget]
-        if ok:
-            best = max(ok, key=lambda e: e["reward"])
+        best = choose(entries, budget, cfg, val_base)
+        if best is not None:
             dst = chosen_dir / f"flop_ratio_{budget:.2f}.json"
             Schedule.load(run_dir / best["path"]).with_name(f"ecad_flop_ratio_{budget:.2f}").save(dst)
             chosen[f"{budget:.2f}"] = {**best, "path": str(dst.relative_to(run_dir))}
@@ -535,27 +729,29 @@ def write_front(result: SearchResult, run_dir: str | Path, cfg: EcadRecipe | Non
         "evaluations": len(result.X),
         "generations": int(result.generation.max()) + 1 if len(result.generation) else 0,
         "baseline_reward": result.baseline_reward,
+        "validation_baseline_reward": val_base,
         "search_wall_time_s": result.wall_time_s,
         "front": entries,
         "chosen": chosen,
     }
     write_json(summary, run_dir / "front.json")
     feas = np.all(result.G <= 0, axis=1)
+    q = "reward" if cfg is not None and cfg.search.quality_objective == "reward" else "fidelity"
     groups = {
         "evaluated": (
             [r["flop_ratio"] for r, f in zip(result.records, feas) if f],
-            [r["reward"] for r, f in zip(result.records, feas) if f],
+            [r[q] for r, f in zip(result.records, feas) if f],
         ),
-        "Pareto front": ([e["flop_ratio"] for e in entries], [e["reward"] for e in entries]),
+        "Pareto front": ([e["flop_ratio"] for e in entries], [e[q] for e in entries]),
     }
-    if result.baseline_reward is not None:
+    if q == "reward" and result.baseline_reward is not None:
         groups["no cache"] = ([1.0], [result.baseline_reward])
     scatter_plot(
         groups,
         run_dir / "front.png",
-        title="ECAD Pareto front",
-        xlabel="FLOP ratio vs no cache",
-        ylabel="reward",
+        title="ECAD Pareto front (calibration)",
+        xlabel="cost ratio vs no cache",
+        ylabel="mean reward" if q == "reward" else "distance to no-cache image (quantile)",
         connect=("Pareto front",),
     )
     return summary
