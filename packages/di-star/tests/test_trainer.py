@@ -201,3 +201,42 @@ def test_generator_losses_match_hand_computed_reference(kind):
     g_got, g_want = torch.cat([g.flatten() for g in g_got]), torch.cat([g.flatten() for g in g_want])
     assert g_want.norm() > 0
     torch.testing.assert_close(g_got, g_want, rtol=1e-3, atol=1e-4 * float(g_want.abs().max()))
+
+
+def test_reward_gradient_reaches_saturated_pixels():
+    """The reward sees decoded pixels clamped to [-1, 1] but its gradient passes the clamp (straight
+    through): on saturated pixels d loss / d pixel is the reward's own gradient, not zero."""
+    trainer, pipe, reward = _make("sd", loss={"alpha_rew": 2.0, "divergence_scale": 0.0})
+    with torch.no_grad():  # a decoder that overshoots: most pixels land outside [-1, 1]
+        pipe.vae.decoder.conv_out.weight.mul_(200.0)
+        pipe.vae.decoder.conv_out.bias.mul_(200.0)
+    captured, seen = {}, {}
+
+    def keep_raw(module, inputs, output):
+        output.retain_grad()
+        captured["raw"] = output
+
+    original_score = reward.score
+
+    def score(images, prompts):
+        seen["images"] = images
+        return original_score(images, prompts)
+
+    reward.score = score
+    handle = pipe.vae.decoder.register_forward_hook(keep_raw)
+    try:
+        rnd = trainer.randomness(0, "generator", 0, trainer.cfg.loss.timestep_range)
+        trainer.generator_losses(rnd)["loss_reward"].backward()
+    finally:
+        handle.remove()
+    raw = captured["raw"]
+    saturated = raw.detach().abs() > 1
+    assert saturated.float().mean() > 0.3 and (~saturated).any()
+    # forward: the reward is evaluated on the displayed range
+    torch.testing.assert_close(seen["images"].detach(), raw.detach().clamp(-1, 1))
+    # backward: loss = -alpha_rew * mean_b mean_hw conv(x), so every pixel, saturated or not, gets
+    # -alpha_rew * w_channel / (B * H * W)
+    b, _, h, w = raw.shape
+    per_channel = -2.0 * reward.conv.weight.detach().view(1, 3, 1, 1) / (b * h * w)
+    torch.testing.assert_close(raw.grad, per_channel.expand_as(raw), rtol=1e-5, atol=1e-9)
+    assert raw.grad[saturated].abs().min() > 0
