@@ -152,3 +152,91 @@ def test_trainer_rejects_non_differentiable_reward():
         DiStarTrainer(
             tiny_config(generator={"t_star": 1000}), testing.tiny_sd_pipeline(), TinyPixelReward(), PROMPTS
         )
+
+
+@pytest.mark.parametrize("kind", ["sd", "sd-v", "sdxl"])
+def test_generator_losses_match_hand_computed_reference(kind):
+    """The divergence term of ``generator_losses`` (value and gradient w.r.t. theta) against a reference
+    computed here: separate conditional / unconditional reference calls, CFG by hand, alpha/sigma from the
+    scheduler's alphas_cumprod, w(t) = sigma_t and the pseudo-Huber constant c in score units."""
+    scale, c = 3.0, 4.0
+    trainer, pipe, _ = _make(kind, loss={"alpha_rew": 0.0, "cfg_scale": scale, "huber_c": c})
+    assert trainer.cfg.loss.weighting == "sigma" and trainer.cfg.loss.cfg_mode == "in"
+    rnd = trainer.randomness(3, "generator", 0, trainer.cfg.loss.timestep_range)
+    assert rnd.timesteps[0] != rnd.timesteps[1]  # two timesteps, so w(t) differs within the batch
+    params = trainer.generator_params
+    got = trainer.generator_losses(rnd)["loss_divergence"]
+    g_got = torch.autograd.grad(got, params)
+
+    enc = trainer.den.encode(rnd.prompts)
+    cond, uncond = enc.cond, enc.uncond
+    abar = pipe.scheduler.alphas_cumprod.double()[rnd.timesteps.cpu()]
+    alpha, sigma = abar.sqrt().float(), (1 - abar).sqrt().float()
+    a4, s4 = alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1)
+    x0 = T.generate_x0(trainer.den, trainer.generator, rnd.noise, cond, trainer.cfg.generator.t_star)
+    x_t = a4 * x0 + s4 * rnd.eps
+
+    def eps_of(unet, kwargs):
+        out = trainer.den.forward(unet, x_t, rnd.timesteps, kwargs)
+        return a4 * out + s4 * x_t if kind == "sd-v" else out  # v = a eps - s x0  =>  eps = a v + s x_t
+
+    eps_fake = eps_of(trainer.fake, cond)
+    eps_c, eps_u = eps_of(pipe.unet, cond), eps_of(pipe.unet, uncond)
+    # the test can tell the halves apart only if the reference's two scores differ
+    rel = (eps_c - eps_u).flatten(1).norm(dim=1) / eps_c.flatten(1).norm(dim=1)
+    assert (rel > 0.01).all(), rel  # a swap moves the CFG target by (2 * scale - 1) * rel
+    eps_ref = eps_u + scale * (eps_c - eps_u)
+    # score units: u = s_ref - s_fake = (eps_fake - eps_ref) / sigma, d'(u) = u / sqrt(|u|^2 + c^2),
+    # s_fake - grad log q = (eps - eps_fake) / sigma
+    u = (eps_fake - eps_ref) / s4
+    u_norm2 = u.flatten(1).pow(2).sum(1)
+    # c is comparable to |u|, so c in the wrong units changes the result
+    assert ((u_norm2 / c**2 > 0.01) & (u_norm2 / c**2 < 100)).all(), u_norm2 / c**2
+    d_prime = u / (u_norm2 + c**2).sqrt().view(-1, 1, 1, 1)
+    per_sample = sigma * (d_prime * (rnd.eps - eps_fake) / s4).flatten(1).sum(1)
+    want = per_sample.mean()
+    g_want = torch.autograd.grad(want, params)
+
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    g_got, g_want = torch.cat([g.flatten() for g in g_got]), torch.cat([g.flatten() for g in g_want])
+    assert g_want.norm() > 0
+    torch.testing.assert_close(g_got, g_want, rtol=1e-3, atol=1e-4 * float(g_want.abs().max()))
+
+
+def test_reward_gradient_reaches_saturated_pixels():
+    """The reward sees decoded pixels clamped to [-1, 1] but its gradient passes the clamp (straight
+    through): on saturated pixels d loss / d pixel is the reward's own gradient, not zero."""
+    trainer, pipe, reward = _make("sd", loss={"alpha_rew": 2.0, "divergence_scale": 0.0})
+    with torch.no_grad():  # a decoder that overshoots: most pixels land outside [-1, 1]
+        pipe.vae.decoder.conv_out.weight.mul_(200.0)
+        pipe.vae.decoder.conv_out.bias.mul_(200.0)
+    captured, seen = {}, {}
+
+    def keep_raw(module, inputs, output):
+        output.retain_grad()
+        captured["raw"] = output
+
+    original_score = reward.score
+
+    def score(images, prompts):
+        seen["images"] = images
+        return original_score(images, prompts)
+
+    reward.score = score
+    handle = pipe.vae.decoder.register_forward_hook(keep_raw)
+    try:
+        rnd = trainer.randomness(0, "generator", 0, trainer.cfg.loss.timestep_range)
+        trainer.generator_losses(rnd)["loss_reward"].backward()
+    finally:
+        handle.remove()
+    raw = captured["raw"]
+    saturated = raw.detach().abs() > 1
+    assert saturated.float().mean() > 0.3 and (~saturated).any()
+    # forward: the reward is evaluated on the displayed range
+    torch.testing.assert_close(seen["images"].detach(), raw.detach().clamp(-1, 1))
+    # backward: loss = -alpha_rew * mean_b mean_hw conv(x), so every pixel, saturated or not, gets
+    # -alpha_rew * w_channel / (B * H * W)
+    b, _, h, w = raw.shape
+    per_channel = -2.0 * reward.conv.weight.detach().view(1, 3, 1, 1) / (b * h * w)
+    torch.testing.assert_close(raw.grad, per_channel.expand_as(raw), rtol=1e-5, atol=1e-9)
+    assert raw.grad[saturated].abs().min() > 0

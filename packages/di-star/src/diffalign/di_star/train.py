@@ -30,7 +30,15 @@ from . import losses as L
 from .config import DiStarConfig, OptimizerConfig
 from .inference import to_one_step_pipeline, write_metadata
 
-__all__ = ["DiStarTrainer", "load_prompts", "train", "export_generator", "generate_x0", "predict_epsilon"]
+__all__ = [
+    "DiStarTrainer",
+    "load_prompts",
+    "train",
+    "export_generator",
+    "generate_x0",
+    "predict_epsilon",
+    "straight_through_clamp",
+]
 
 FAMILIES = ("sd", "sdxl")  # DI* trains UNet latent-diffusion pipelines
 
@@ -60,6 +68,14 @@ def predict_epsilon(
 ) -> torch.Tensor:
     """eps_hat(x_t, t, c) from a UNet of the teacher's prediction type (differentiable w.r.t. x_t)."""
     return den.predict_x0_eps(unet, x_t, timesteps, cond)[1]
+
+
+def straight_through_clamp(x: torch.Tensor, low: float = -1.0, high: float = 1.0) -> torch.Tensor:
+    """clamp(x, low, high) in the forward pass, identity in the backward pass.
+
+    A hard clamp zeroes the reward's gradient on every saturated pixel, so a generator whose decoded
+    pixels overshoot the range gets no reward signal there."""
+    return x + (x.clamp(low, high) - x).detach()
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -267,8 +283,8 @@ class DiStarTrainer:
         terms: dict[str, torch.Tensor] = {}
         zero = x0.sum() * 0.0
         if cfg.alpha_rew > 0:
-            # clamp to the displayed range, as the pipeline's own post-processing does
-            images = self.den.decode(x0, clamp=True).float()
+            # the reward sees the displayed range [-1, 1] but its gradient reaches saturated pixels too
+            images = straight_through_clamp(self.den.decode(x0, clamp=False).float())
             if self.cfg.reward.resize is not None:
                 images = F.interpolate(
                     images, size=self.cfg.reward.resize, mode="bilinear", align_corners=False
