@@ -183,19 +183,11 @@ def protocol(
 
 
 def load_shapes_pipeline(path: str | Path):
-    """Load a shapes teacher folder (StableDiffusionPipeline or PixArtAlphaPipeline) in float32."""
-    import json
+    """Load a shapes teacher folder (StableDiffusionPipeline or PixArtAlphaPipeline) in float32, through
+    core's checked loader (missing or unexpected weights are an error)."""
+    from diffalign.core.models import load_pipeline
 
-    from diffusers import PixArtAlphaPipeline, StableDiffusionPipeline
-
-    path = Path(path)
-    index = json.loads((path / "model_index.json").read_text())
-    cls = (
-        PixArtAlphaPipeline if index.get("_class_name") == "PixArtAlphaPipeline" else StableDiffusionPipeline
-    )
-    pipe = cls.from_pretrained(str(path), torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_pipeline(Path(path), dtype=torch.float32)
 
 
 def evaluate_pipeline(
