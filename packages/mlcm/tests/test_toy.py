@@ -14,7 +14,8 @@ def setup():
     ref = toy.reference_samples(s)
     ddim = {k: toy.energy_distance(toy.teacher_samples(s, k), ref) for k in (2, 4)}
     floor = toy.energy_distance(toy.reference_samples(s, seed=999), ref)
-    return s, ref, ddim, floor
+    ddim_per_class = {k: toy.per_class_energy_distance(toy.teacher_samples(s, k), ref) for k in (2, 4)}
+    return s, ref, ddim, floor, ddim_per_class
 
 
 def test_zero_init_student_equals_conditional_teacher():
@@ -25,22 +26,22 @@ def test_zero_init_student_equals_conditional_teacher():
 
 
 def test_stage1_and_stage2_beat_teacher_ddim(setup):
-    s, ref, ddim, floor = setup
+    s, ref, ddim, floor, ddim_c = setup
     student = toy.ResidualStudent(s.teacher, s.schedule)
     toy.train_stage1(s, student, num_segments=4, iterations=1000, seed=0)
-    ed4 = toy.energy_distance(
-        toy.sample_student(s, student, sampling_timesteps(4, 4), "deterministic", 2000, 5), ref
-    )
+    x4 = toy.sample_student(s, student, sampling_timesteps(4, 4), "deterministic", 2000, 5)
+    ed4, ed4_c = toy.energy_distance(x4, ref), toy.per_class_energy_distance(x4, ref)
     assert floor < ed4 < 0.6 * ddim[4], (ed4, ddim)
+    assert all(ed4_c[c] < 0.6 * ddim_c[4][c] for c in (0, 1)), (ed4_c, ddim_c)  # each class, not the pool
     toy.train_stage2(s, student, num_segments=4, iterations=500, seed=1)
-    ed2 = toy.energy_distance(
-        toy.sample_student(s, student, sampling_timesteps(2, 4), "renoise", 2000, 5), ref
-    )
+    x2 = toy.sample_student(s, student, sampling_timesteps(2, 4), "renoise", 2000, 5)
+    ed2, ed2_c = toy.energy_distance(x2, ref), toy.per_class_energy_distance(x2, ref)
     assert floor < ed2 < 0.7 * ddim[2], (ed2, ddim)
+    assert all(ed2_c[c] < 0.7 * ddim_c[2][c] for c in (0, 1)), (ed2_c, ddim_c)
 
 
 def test_wrong_boundary_student_fails_stage1_bound(setup):
-    s, ref, ddim, _ = setup
+    s, ref, ddim, _, _ = setup
     student = toy.ResidualStudent(s.teacher, s.schedule)
     toy.train_stage1(s, student, num_segments=4, iterations=1000, seed=0, boundary_offset=1)
     ed4 = toy.energy_distance(
