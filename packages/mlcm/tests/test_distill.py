@@ -111,3 +111,68 @@ def test_segment_map_of_point_mass_is_on_the_exact_trajectory():
     torch.testing.assert_close(
         segment_map(exact(z_t, t), z_t, t, s, sched, "epsilon"), a_s * x_star + s_s * eps
     )
+
+
+def _scaled_linear_alpha_sigma(t):
+    """SD's ``scaled_linear`` schedule in float64, written out independently of ``NoiseSchedule``."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    abar = torch.cumprod(1 - betas, 0)[t.long()].unsqueeze(-1)
+    return abar.sqrt(), (1 - abar).sqrt()
+
+
+def test_inter_segment_target_is_teacher_ode_endpoint_one_milestone_down():
+    """Stage 2 against a reference on the Gaussian-mixture toy: the guided teacher (w = 3) is the exact
+    posterior mean, the student its conditional (unguided) posterior mean, so the target depends on where
+    and how the teacher ODE ends. Reference: p DDIM sub-steps from t_m to the next milestone t_n."""
+    from diffalign.mlcm import toy
+
+    setup = toy.make_toy(guidance=3.0)
+    gmm, sched = setup.teacher, setup.schedule
+    n, num_segments, p = 96, 4, 3
+    m = milestone_grid(num_segments)
+    cls = toy.sample_classes(n)
+    null = torch.full_like(cls, toy.NULL_CLASS)
+
+    def student(z, t):
+        return gmm.eps(z, t, cls, sched)
+
+    x0_hat = gmm.means[torch.randint(0, 8, (n,), generator=torch.Generator().manual_seed(1))]
+    x0_hat = x0_hat + 0.15 * torch.randn(
+        n, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64
+    )
+    out = inter_segment_loss(
+        student,
+        setup.teacher_fn(cls),
+        x0_hat,
+        m,
+        sched,
+        "epsilon",
+        p,
+        generator=torch.Generator().manual_seed(3),
+    )
+
+    # the same draws, in the order inter_segment_loss makes them: segment, then noise
+    gen = torch.Generator().manual_seed(3)
+    seg = torch.randint(0, num_segments, (n,), generator=gen)
+    noise = torch.randn(x0_hat.shape, generator=gen, dtype=torch.float64)
+    assert set(seg.tolist()) == set(range(num_segments))
+    t_m, t_n = torch.tensor(m)[seg], torch.tensor(m)[seg + 1]
+    a, s = _scaled_linear_alpha_sigma(t_m)
+    z = a * x0_hat + s * noise
+    prediction = gmm.posterior_mean(z, a, s, cls)
+    for k in range(p):
+        t_cur = t_m - torch.round((t_m - t_n).double() * k / p).long()
+        t_nxt = t_m - torch.round((t_m - t_n).double() * (k + 1) / p).long()
+        a, s = _scaled_linear_alpha_sigma(t_cur)
+        x_c, x_u = gmm.posterior_mean(z, a, s, cls), gmm.posterior_mean(z, a, s, null)
+        eps_c, eps_u = (z - a * x_c) / s, (z - a * x_u) / s
+        eps = eps_u + 3.0 * (eps_c - eps_u)
+        x0 = (z - s * eps) / a
+        a2, s2 = _scaled_linear_alpha_sigma(t_nxt)
+        z = a2 * x0 + s2 * eps
+    a, s = _scaled_linear_alpha_sigma(t_n)
+    target = gmm.posterior_mean(z, a, s, cls)
+
+    torch.testing.assert_close(out.prediction, prediction, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.target, target, atol=1e-4, rtol=1e-4)
+    assert out.loss.item() > 1e-3  # a non-trivial target: the student is not the guided teacher

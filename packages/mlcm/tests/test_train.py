@@ -148,3 +148,74 @@ def test_config_errors_are_clear(tmp_path):
         load_config(MLCMRecipe, bad)
     with pytest.raises(ConfigError, match="nothing to train"):
         load_config(MLCMRecipe, None, ["model.source=x", "stage1.iterations=0", "stage2.iterations=0"])
+
+
+def test_metrics_log_has_each_step_once_after_kill_and_resume(tmp_path):
+    import json
+
+    from diffalign.core.training import CheckpointManager
+
+    sections = {"stage1": {"iterations": 3}, "stage2": {"iterations": 1}}
+    ref = train(tiny_recipe(tmp_path / "ref", **sections), pipe=_v_pipe())
+    cfg = tiny_recipe(tmp_path / "run", **sections)
+    train(cfg, pipe=_v_pipe(), max_steps=3)
+    # killed after step 3 was logged but before its checkpoint landed: resume starts from step 2
+    ckpt = CheckpointManager(cfg.run_dir)
+    ckpt.path_for(3).unlink()
+    assert ckpt.latest_step() == 2
+    train(cfg, pipe=_v_pipe())
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for row, expected in zip(rows, ref.losses):
+        assert row["phase"] == expected["phase"]
+        assert row["loss"] == pytest.approx(expected["loss"], rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("sections", "segments", "sampler", "two_steps"),
+    [
+        ({}, 8, "renoise", [999, 499]),
+        ({"stage2": {"num_segments": 4, "sampler": "deterministic"}}, 4, "deterministic", [999, 499]),
+        ({"stage1": {"iterations": 2, "segment_schedule": [8, 2]}, "stage2": {"iterations": 0}}, 2, "renoise", [999, 499]),
+        # the single-segment LCM baseline: one segment, sampled on the 8-segment table
+        ({"stage1": {"num_segments": 1}, "stage2": {"iterations": 0, "sampler": "deterministic"}}, 1, "deterministic", [999, 499]),
+    ],
+)  # fmt: skip
+def test_exported_scheduler_carries_recipe_segments_and_sampler(
+    tmp_path, sections, segments, sampler, two_steps
+):
+    from diffalign.mlcm.scheduler import MLCMScheduler
+    from diffalign.mlcm.train import Distiller, export_student
+
+    cfg = tiny_recipe(tmp_path / "run", **sections)
+    out = export_student(Distiller(cfg, _v_pipe()), tmp_path / "student", "tiny")
+    loaded = MLCMScheduler.from_pretrained(out, subfolder="scheduler")
+    assert (loaded.config.num_segments, loaded.config.sampler) == (segments, sampler)
+    pipe = apply_student(_v_pipe(), out)
+    assert (pipe.scheduler.config.num_segments, pipe.scheduler.config.sampler) == (segments, sampler)
+    pipe.scheduler.set_timesteps(2)
+    assert pipe.scheduler.timesteps.tolist() == two_steps
+    assert apply_student(_v_pipe(), out, sampler="renoise").scheduler.config.sampler == "renoise"
+
+
+def test_mds_reference_follows_phase_segments_when_null(tmp_path, monkeypatch):
+    from diffalign.mlcm import train as train_mod
+
+    seen = []
+    real = train_mod.teacher_states
+
+    def spy(*args):
+        seen.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(train_mod, "teacher_states", spy)
+    for reference, expected in ((None, [4]), (8, [8])):
+        seen.clear()
+        cfg = tiny_recipe(
+            tmp_path / f"r{reference}",
+            stage1={"num_segments": 4, "mds_reference_segments": reference},
+            stage2={"num_segments": 4},
+        )
+        distiller = train_mod.Distiller(cfg, _v_pipe())
+        distiller.stage1_loss(["a red circle"], 4, torch.Generator().manual_seed(0))
+        assert seen == expected

@@ -84,9 +84,17 @@ def toy_benchmark(quick: bool) -> dict:
             toy.sample_student(setup, student, sampling_timesteps(k, 4), sampler, 2000, 5), ref
         )
 
-    out["stage1"] = {f"{s}_{k}": ed(k, s) for s in ("deterministic", "renoise") for k in (2, 4)}
+    def ed_per_class(k, sampler):
+        return toy.per_class_energy_distance(
+            toy.sample_student(setup, student, sampling_timesteps(k, 4), sampler, 2000, 5), ref
+        )
+
+    runs = [(s, k) for s in ("deterministic", "renoise") for k in (2, 4)]
+    out["stage1"] = {f"{s}_{k}": ed(k, s) for s, k in runs}
+    out["stage1_per_class"] = {f"{s}_{k}": ed_per_class(k, s) for s, k in runs}
     toy.train_stage2(setup, student, num_segments=4, iterations=it2)
-    out["stage2"] = {f"{s}_{k}": ed(k, s) for s in ("deterministic", "renoise") for k in (2, 4)}
+    out["stage2"] = {f"{s}_{k}": ed(k, s) for s, k in runs}
+    out["stage2_per_class"] = {f"{s}_{k}": ed_per_class(k, s) for s, k in runs}
     out["iterations"] = {"stage1": it1, "stage2": it2}
     return out
 

@@ -81,7 +81,9 @@ def sample(
         None, "--base", help="Base model (default: the teacher recorded in the student)"
     ),
     steps: int = typer.Option(4, "--steps", min=1, max=8, help="Sampling steps (2-8 recommended)"),
-    sampler: str = typer.Option("renoise", "--sampler", help="renoise (official) or deterministic"),
+    sampler: str = typer.Option(
+        None, "--sampler", help="renoise (official) or deterministic (default: the exported one)"
+    ),
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(Path("mlcm_samples.png"), "--out", help="Image grid to write"),
 ) -> None:
@@ -99,7 +101,7 @@ def sample(
     if not texts:
         typer.echo("error: give at least one --prompt or a non-empty --prompts-file", err=True)
         raise typer.Exit(code=2)
-    if sampler not in ("renoise", "deterministic"):
+    if sampler is not None and sampler not in ("renoise", "deterministic"):
         typer.echo(f"error: --sampler must be 'renoise' or 'deterministic', got {sampler!r}", err=True)
         raise typer.Exit(code=2)
     try:

@@ -81,7 +81,11 @@ class Stage1Config(Config):
     )
     skip: int = Field(20, ge=1, description="Teacher DDIM skip between t_m and t_n")
     trajectory: Literal["mds", "single"] = "mds"
-    mds_reference_segments: int = Field(8, ge=1, description="Grid for the MDS step count L = M - s")
+    mds_reference_segments: int | None = Field(
+        8,
+        ge=1,
+        description="Grid for the MDS step count L = M - s; null follows the phase's num_segments",
+    )
     segment_sampling: Literal["per_sample", "per_batch"] = "per_sample"
 
     @model_validator(mode="after")

@@ -19,8 +19,9 @@ def read_student_meta(student_dir: str | Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def apply_student(pipe, student_dir: str | Path, sampler: str = "renoise"):
-    """Put the student into ``pipe`` (LoRA weights or a full denoiser) and swap in ``MLCMScheduler``."""
+def apply_student(pipe, student_dir: str | Path, sampler: str | None = None):
+    """Put the student into ``pipe`` (LoRA weights or a full denoiser) and swap in ``MLCMScheduler``
+    (its exported segments and sampler; ``sampler`` overrides the sampler)."""
     student_dir = Path(student_dir)
     meta = read_student_meta(student_dir)
     if meta["mode"] == "lora":
@@ -35,12 +36,13 @@ def apply_student(pipe, student_dir: str | Path, sampler: str = "renoise"):
             pipe.transformer = cls.from_pretrained(student_dir / "transformer").to(
                 pipe.device, pipe.transformer.dtype
             )
-    pipe.scheduler = MLCMScheduler.from_pretrained(student_dir, subfolder="scheduler", sampler=sampler)
+    overrides = {} if sampler is None else {"sampler": sampler}
+    pipe.scheduler = MLCMScheduler.from_pretrained(student_dir, subfolder="scheduler", **overrides)
     return pipe
 
 
 def load_student(
-    student_dir: str | Path, base: str | None = None, sampler: str = "renoise", dtype=None, device=None
+    student_dir: str | Path, base: str | None = None, sampler: str | None = None, dtype=None, device=None
 ):
     """Base pipeline (``base`` or the one recorded at export) with the student applied."""
     from diffalign.core.models import load_pipeline

@@ -8,6 +8,10 @@ Two samplers:
 * ``deterministic``: a DDIM jump of the model's x0 and implied eps to the next milestone, the map the
   student is trained with (MCM / PCM style).
 
+``num_segments`` is the grid the student was trained on (an exported student records it with its
+sampler). A single-segment student (LCM: every timestep maps straight to x0) has no intermediate milestone;
+it samples on the 8-segment table, the same timesteps as the MLCM students it is compared with.
+
 The final step returns the x0 prediction. Run the pipeline with ``guidance_scale`` at or below 1 (CFG is
 distilled into the student).
 """
@@ -32,6 +36,8 @@ from .schedule import milestone_grid, sampling_timesteps
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # the DDPM-family types
 
 SAMPLERS = ("renoise", "deterministic")
+
+SINGLE_SEGMENT_SAMPLING_GRID = 8  # the official TLCM table's grid
 
 
 @dataclass
@@ -92,14 +98,25 @@ class MLCMScheduler(SchedulerMixin, ConfigMixin):
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.timesteps = torch.tensor(
-            milestone_grid(num_segments, num_train_timesteps)[:-1], dtype=torch.long
+            milestone_grid(self._sampling_segments(num_segments), num_train_timesteps)[:-1],
+            dtype=torch.long,
         )
         self._step_index: int | None = None
         self._begin_index: int | None = None
 
+    @staticmethod
+    def _sampling_segments(num_segments: int) -> int:
+        return SINGLE_SEGMENT_SAMPLING_GRID if num_segments == 1 else num_segments
+
+    @property
+    def sampling_segments(self) -> int:
+        """Grid the sampling timesteps are taken from: the trained one, or 8 for a single segment."""
+        return self._sampling_segments(self.config.num_segments)
+
     @property
     def milestones(self) -> list[int]:
-        return milestone_grid(self.config.num_segments, self.config.num_train_timesteps)
+        """The grid timesteps may be picked from (``sampling_segments`` segments)."""
+        return milestone_grid(self.sampling_segments, self.config.num_train_timesteps)
 
     @property
     def step_index(self) -> int | None:
@@ -129,12 +146,12 @@ class MLCMScheduler(SchedulerMixin, ConfigMixin):
             bad = [t for t in timesteps if int(t) not in grid]
             if bad:
                 raise ValueError(
-                    f"timesteps {bad} are not milestones of the {self.config.num_segments}-segment grid"
+                    f"timesteps {bad} are not milestones of the {self.sampling_segments}-segment grid"
                 )
             ts = sorted({int(t) for t in timesteps}, reverse=True)
         else:
             ts = sampling_timesteps(
-                num_inference_steps, self.config.num_segments, self.config.num_train_timesteps
+                num_inference_steps, self.sampling_segments, self.config.num_train_timesteps
             )
         self.num_inference_steps = len(ts)
         self.timesteps = torch.tensor(ts, dtype=torch.long, device=device)

@@ -109,6 +109,25 @@ def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(2 * torch.cdist(x, y).mean() - torch.cdist(x, x).mean() - torch.cdist(y, y).mean())
 
 
+def sample_classes(n: int) -> torch.Tensor:
+    """Class of each of ``n`` toy samples (``sample_student``, ``reference_samples``, ``teacher_samples``)."""
+    return torch.arange(n) % 2
+
+
+def per_class_energy_distance(
+    x: torch.Tensor, y: torch.Tensor, x_cls: torch.Tensor | None = None, y_cls: torch.Tensor | None = None
+) -> dict[int, float]:
+    """Energy distance between the class-``c`` samples of ``x`` and of ``y``, for each class of ``y``.
+
+    The pooled :func:`energy_distance` compares the mixture of both classes and cannot see a student
+    that draws class 0's modes for class 1 and the reverse; this one can. Classes default to
+    :func:`sample_classes`.
+    """
+    x_cls = sample_classes(len(x)) if x_cls is None else x_cls
+    y_cls = sample_classes(len(y)) if y_cls is None else y_cls
+    return {int(c): energy_distance(x[x_cls == c], y[y_cls == c]) for c in torch.unique(y_cls).tolist()}
+
+
 @dataclass
 class ToySetup:
     teacher: GaussianMixtureTeacher
@@ -224,7 +243,7 @@ def sample_student(
     setup: ToySetup, student: ResidualStudent, timesteps: Sequence[int], sampler: str, n: int, seed: int
 ) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    cls = torch.arange(n) % 2
+    cls = sample_classes(n)
     noise = torch.randn(n, 2, generator=gen)
     with torch.no_grad():
         return student_sample(
@@ -234,11 +253,11 @@ def sample_student(
 
 def reference_samples(setup: ToySetup, n: int = 2000, steps: int = 100, seed: int = 123) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    cls = torch.arange(n) % 2
+    cls = sample_classes(n)
     return setup.teacher_ddim(torch.randn(n, 2, generator=gen), cls, steps)
 
 
 def teacher_samples(setup: ToySetup, steps: int, n: int = 2000, seed: int = 7) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    cls = torch.arange(n) % 2
+    cls = sample_classes(n)
     return setup.teacher_ddim(torch.randn(n, 2, generator=gen), cls, steps)

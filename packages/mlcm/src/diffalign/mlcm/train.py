@@ -23,6 +23,7 @@ from diffalign.core.denoisers import adapters_disabled, denoiser_for
 from diffalign.core.factory import load_factory
 from diffalign.core.launch import make_accelerator
 from diffalign.core.lora import add_lora, default_targets, make_lora_config, save_lora
+from diffalign.core.rundir import MetricsLog
 from diffalign.core.training import (
     EMA,
     CheckpointManager,
@@ -189,7 +190,7 @@ class Distiller:
         teacher = self.teacher_fn(cond)
         z_upper = teacher_states(
             teacher, self._noise(len(prompts), gen), pairs.t_upper, self.den.schedule, self.den.prediction_type,
-            s1.trajectory, s1.mds_reference_segments,
+            s1.trajectory, s1.mds_reference_segments or num_segments,
         )  # fmt: skip
         out = mlcd_loss(
             self.student_fn(cond), teacher, z_upper, pairs, self.den.schedule, self.den.prediction_type,
@@ -270,10 +271,16 @@ def resolve_reward(cfg: MLCMRecipe):
     return reward
 
 
+def exported_segments(cfg: MLCMRecipe) -> int:
+    """Segments of the student's last training phase: the milestone grid it was last trained on."""
+    return plan_phases(cfg)[-1].num_segments
+
+
 def export_student(distiller: Distiller, out_dir: Path, source: str) -> Path:
     """Write the student: a LoRA in diffusers' layout (``pipe.load_lora_weights`` reads it; PixArt through
     ``diffalign.core.lora.load_lora``) or a full student as a ``from_pretrained`` folder. The MLCM
-    scheduler config goes to ``out_dir/scheduler``."""
+    scheduler config goes to ``out_dir/scheduler``, with the segments of the last training phase and the
+    recipe's sampler (``stage2.sampler``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, den = distiller.model, distiller.den
@@ -281,7 +288,11 @@ def export_student(distiller: Distiller, out_dir: Path, source: str) -> Path:
         save_lora(out_dir, model, den.family)
     else:
         model.save_pretrained(out_dir / den.component, safe_serialization=True)
-    sched = MLCMScheduler.from_config(distiller.pipe.scheduler.config, num_segments=8, sampler="renoise")
+    sched = MLCMScheduler.from_config(
+        distiller.pipe.scheduler.config,
+        num_segments=exported_segments(distiller.cfg),
+        sampler=distiller.cfg.stage2.sampler,
+    )
     sched.save_pretrained(out_dir / "scheduler")
     meta = {"base": source, "mode": distiller.cfg.student.mode, "architecture": den.family}
     (out_dir / STUDENT_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
@@ -336,7 +347,9 @@ def train(cfg: MLCMRecipe, pipe=None, reward=None, max_steps: int | None = None)
         save_config(cfg, run_dir)
     log = make_tracker(accelerator, run_dir)
     history: list[dict] = []
-    metrics_path = run_dir / "metrics.jsonl"
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
+    # rows logged after the checkpoint we resume from would be logged again: cut them
+    metrics.truncate(step)
 
     def save(step_done: int, phase: Phase) -> None:
         if not accelerator.is_main_process:
@@ -383,10 +396,7 @@ def train(cfg: MLCMRecipe, pipe=None, reward=None, max_steps: int | None = None)
         history.append(record)
         if step % cfg.log_every == 0 or step == stop:
             log({f"{phase.stage}/{k}": v for k, v in record.items() if k not in ("step", "phase")}, step)
-            if accelerator.is_main_process:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                with metrics_path.open("a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(record) + "\n")
+            metrics.append(step, {k: v for k, v in record.items() if k != "step"})
         bar.update(1)
         bar.set_postfix(phase=phase.key, loss=f"{record['loss']:.4g}")
         if step % cfg.checkpoint.every == 0 or step == phase.end or step == stop:
