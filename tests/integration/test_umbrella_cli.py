@@ -36,3 +36,17 @@ def test_each_method_has_its_own_console_script():
         )
         out = subprocess.run([exe, "--help"], capture_output=True, text=True)
         assert out.returncode == 0, (method, out.stderr)
+
+
+def test_every_method_cli_module_runs_with_python_dash_m():
+    """`python -m diffalign.<m>.cli` is what `accelerate launch -m` runs on every rank: it must run the app,
+    not import it and exit 0 having done nothing."""
+    for method in METHODS:
+        module = f"diffalign.{method.replace('-', '_')}.cli"
+        out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert "Usage" in out.stdout, f"`python -m {module} --help` printed no usage: {out.stdout!r}"
+        bad = subprocess.run(
+            [sys.executable, "-m", module, "no-such-command"], capture_output=True, text=True
+        )
+        assert bad.returncode == 2, f"`python -m {module} no-such-command` exited {bad.returncode}"

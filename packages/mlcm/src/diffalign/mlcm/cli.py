@@ -118,3 +118,7 @@ def sample(
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()
