@@ -176,7 +176,11 @@ def run_row(transformer, regime: Regime, cfg: dict[str, Any]) -> tuple[float, fl
     from diffalign.ecad.hooks import apply_schedule, remove_schedule
 
     assert_plain(transformer)
-    state = apply_schedule(transformer, schedule_for(regime, transformer)) if regime.schedule else None
+    state = (
+        apply_schedule(transformer, schedule_for(regime, transformer), step_invariant=False)
+        if regime.schedule
+        else None
+    )
     try:
         wall0, cpu0 = time.perf_counter(), time.process_time()
         denoise(transformer, regime, cfg)
@@ -199,7 +203,7 @@ def warm_up(transformer, regimes: list[Regime], cfg: dict[str, Any], calls: int 
         latents, captions = inputs(cfg, regime.batch)
         assert_plain(transformer)
         if regime.schedule:
-            apply_schedule(transformer, schedule_for(regime, transformer))
+            apply_schedule(transformer, schedule_for(regime, transformer), step_invariant=False)
         try:
             with torch.no_grad():
                 for t in timesteps(regime.steps)[:calls]:

@@ -64,13 +64,14 @@ def test_ecad_search_scores_schedules_with_the_listener_judge(
     assert len(summary["front"]) == len(result.front)
     assert all(e["num_cached"] >= 1 and 0 < e["flop_ratio"] < 1 for e in summary["front"])
 
-    # the judge scored every candidate: one call per evaluated schedule, on all calibration prompts
-    assert len(judge_calls) == len(result.X) >= 4
+    # the judge scored every candidate (one call per evaluated schedule, on all calibration prompts), plus the
+    # no-cache reference and the validation re-scoring of the front
+    assert len(judge_calls) >= len(result.X) + 1 and len(result.X) >= 4
     assert all(c["prompts"] == PROMPTS for c in judge_calls)
     rewards = np.array([r["reward"] for r in result.records])
     assert np.all((rewards > 0) & (rewards < 1))  # mean win probabilities against the anchors
-    judged = sorted(float(c["scores"].mean()) for c in judge_calls)
-    assert sorted(rewards.tolist()) == pytest.approx(judged, abs=1e-6)
+    judged = np.array([float(c["scores"].mean()) for c in judge_calls])
+    assert all(np.abs(judged - r).min() < 1e-6 for r in rewards)  # every recorded reward is a judge score
 
     # each front point's quality is the judge's score of the images that schedule produces
     judge = get_reward("listener-judge", **cfg.quality.reward_kwargs)

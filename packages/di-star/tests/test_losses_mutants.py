@@ -34,24 +34,6 @@ def test_expand_like_shapes_and_batch_check():
             L.expand_like(bad, like)
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
-def test_conversions_against_scalar_formulas(prediction_type):
-    x0, eps = _batch(1), _batch(2)
-    a, s = ALPHA.double(), SIGMA.double()
-    x_t = a[:, None] * x0 + s[:, None] * eps
-    out = {
-        "epsilon": eps,
-        "v_prediction": a[:, None] * eps - s[:, None] * x0,
-        "sample": x0,
-    }[prediction_type]
-    torch.testing.assert_close(L.to_epsilon(out, x_t, a, s, prediction_type), eps)
-    torch.testing.assert_close(L.to_x0(out, x_t, a, s, prediction_type), x0)
-    with pytest.raises(ValueError, match="unknown prediction_type"):
-        L.to_epsilon(out, x_t, a, s, "flow")
-    with pytest.raises(ValueError, match="unknown prediction_type"):
-        L.to_x0(out, x_t, a, s, "flow")
-
-
 def test_cfg_definition():
     u, c = torch.tensor([1.0, -2.0]), torch.tensor([3.0, 0.0])
     torch.testing.assert_close(
@@ -224,10 +206,6 @@ def test_string_options_compared_by_value_not_identity():
     a, s = ALPHA.double(), SIGMA.double()
     for kind in ("epsilon", "v_prediction", "sample"):
         torch.testing.assert_close(
-            L.to_epsilon(out, x0, a, s, fresh(kind)), L.to_epsilon(out, x0, a, s, kind)
-        )
-        torch.testing.assert_close(L.to_x0(out, x0, a, s, fresh(kind)), L.to_x0(out, x0, a, s, kind))
-        torch.testing.assert_close(
             L.fake_score_dsm_loss(out, x0, eps, a, s, fresh(kind)),
             L.fake_score_dsm_loss(out, x0, eps, a, s, kind),
         )
@@ -244,10 +222,6 @@ def test_unknown_options_are_rejected_whatever_their_sort_order(name):
         L.distance_value(y, name)
     with pytest.raises(ValueError, match="unknown distance"):
         L.di_star_generator_loss(y, y, y, s, distance=name)
-    with pytest.raises(ValueError, match="unknown prediction_type"):
-        L.to_epsilon(y, y, a, s, name)
-    with pytest.raises(ValueError, match="unknown prediction_type"):
-        L.to_x0(y, y, a, s, name)
     with pytest.raises(ValueError, match="unknown prediction_type"):
         L.fake_score_dsm_loss(y, y, y, a, s, name)
     with pytest.raises(ValueError, match="unknown weighting"):
