@@ -15,7 +15,32 @@ RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_validates(path):
     cfg = load_config(DiStarConfig, path)
-    assert cfg.generator.t_star == 399
+    assert cfg.generator.t_star == (599 if path.name.startswith("shapes") else 399)
+
+
+def _recipe(name):
+    return load_config(DiStarConfig, Path(__file__).parents[1] / "recipes" / name)
+
+
+def test_shapes_recipe_carries_the_measured_defaults():
+    cfg = _recipe("shapes_unet.yaml")
+    assert cfg.generator.t_star == 599 and cfg.loss.alpha_rew == 5.0
+    assert cfg.generator.optimizer.lr == 1e-4 and cfg.fake_score.optimizer.lr == 1e-4
+
+
+def test_two_stage_protocol_recipes():
+    stage1 = _recipe("shapes_stage1_sim.yaml")
+    di, sim = _recipe("shapes_stage2_di_star.yaml"), _recipe("shapes_stage2_sim.yaml")
+    assert stage1.loss.alpha_rew == 0 and stage1.model.generator_init is None
+    assert di.loss.alpha_rew == 5.0 and sim.loss.alpha_rew == 0
+    for cfg in (di, sim):
+        assert Path(cfg.model.generator_init) == stage1.run_dir / "generator"
+        assert cfg.generator.t_star == stage1.generator.t_star
+    # same checkpoint, same budget: the two stage-2 recipes differ only in the reward weight and run_dir
+    a, b = di.model_dump(mode="json"), sim.model_dump(mode="json")
+    for d in (a, b):
+        d.pop("run_dir"), d["loss"].pop("alpha_rew")
+    assert a == b and di.run_dir != sim.run_dir
 
 
 def test_paper_recipe_settings():

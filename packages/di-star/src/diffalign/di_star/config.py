@@ -34,7 +34,8 @@ class ModelConfig(Config):
     generator_init: str | None = Field(
         None,
         description="Initial one-step generator UNet (a diffusers UNet folder, or a pipeline folder with unet/, "
-        "e.g. DMD2-SDXL-1step). Default: a copy of the teacher UNet.",
+        "e.g. DMD2-SDXL-1step or a stage-1 run's generator/ export). Must have the teacher UNet's architecture "
+        "(and, for a DI* export, the same t_star). Default: a copy of the teacher UNet.",
     )
     fake_init: str | None = Field(
         None, description="Initial fake-score UNet. Default: a copy of the teacher UNet."
@@ -131,6 +132,11 @@ class TrainingConfig(Config):
     checkpoint_every: int = Field(100, ge=1)
     keep_last: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)
+    log_grad_norms: bool = Field(
+        False,
+        description="Log the generator-gradient norm of the reward term and of the divergence term separately "
+        "(grad_norm_reward, grad_norm_divergence; one extra backward each) to check alpha_rew is near parity.",
+    )
 
 
 class DiStarConfig(Config):

@@ -28,7 +28,7 @@ from diffalign.core.lora import add_lora, default_targets, make_lora_config
 
 from . import losses as L
 from .config import DiStarConfig, OptimizerConfig
-from .inference import to_one_step_pipeline, write_metadata
+from .inference import METADATA_FILE, read_metadata, to_one_step_pipeline, write_metadata
 
 __all__ = [
     "DiStarTrainer",
@@ -348,12 +348,27 @@ class DiStarTrainer:
         terms = self.generator_losses(rnd)
         loss = terms["loss_reward"] + terms["loss_divergence"]
         check_finite(loss, step, "generator loss")
+        norms = self.term_grad_norms(terms) if self.cfg.training.log_grad_norms else {}
         self.opt_generator.zero_grad(set_to_none=True)
         self._backward(loss)
         grad_norm = self._clip(self.generator_params, self.cfg.generator.optimizer.max_grad_norm)
         self.opt_generator.step()
         out = {k: float(v.detach()) for k, v in terms.items()}
-        out.update(loss_generator=float(loss.detach()), grad_norm_generator=grad_norm)
+        out.update(loss_generator=float(loss.detach()), grad_norm_generator=grad_norm, **norms)
+        return out
+
+    def term_grad_norms(self, terms: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Diagnostic: the unclipped gradient norm of each generator term (reward, divergence) on its own,
+        so a run can check alpha_rew is near gradient parity. One extra backward per term."""
+        out = {}
+        for name in ("loss_reward", "loss_divergence"):
+            term = terms[name]
+            if not term.requires_grad:
+                out[f"grad_norm_{name[5:]}"] = 0.0
+                continue
+            grads = torch.autograd.grad(term, self.generator_params, retain_graph=True, allow_unused=True)
+            sq = sum(float(g.detach().float().pow(2).sum()) for g in grads if g is not None)
+            out[f"grad_norm_{name[5:]}"] = sq**0.5
         return out
 
     def train_step(self, step: int) -> dict[str, float]:
@@ -436,18 +451,70 @@ def export_generator(trainer: DiStarTrainer, out_dir: str | Path) -> Path:
     return out_dir
 
 
+# UNet config entries that fix the weight layout and the conditioning: a starting point must match the teacher's
+ARCHITECTURE_KEYS = (
+    "in_channels",
+    "out_channels",
+    "block_out_channels",
+    "layers_per_block",
+    "down_block_types",
+    "up_block_types",
+    "cross_attention_dim",
+    "attention_head_dim",
+    "addition_embed_type",
+    "projection_class_embeddings_input_dim",
+)
+
+
+def check_init_unet(what: str, source: str, net: torch.nn.Module, teacher_unet: torch.nn.Module) -> None:
+    """Refuse a starting UNet whose architecture differs from the teacher's (it would not share the
+    teacher's conditioning, and DI* would silently train a different network)."""
+    mine, theirs = dict(net.config), dict(teacher_unet.config)
+    diff = [k for k in ARCHITECTURE_KEYS if _norm(mine.get(k)) != _norm(theirs.get(k))]
+    if diff:
+        detail = ", ".join(f"{k}: {mine.get(k)!r} vs teacher {theirs.get(k)!r}" for k in diff[:3])
+        raise ValueError(
+            f"model.{what} = {source} is a different architecture from the teacher's UNet ({detail}); "
+            "start from a checkpoint of the same teacher (e.g. a stage-1 run's generator/ folder)"
+        )
+
+
+def _norm(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple | list) else value
+
+
+def _load_init(what: str, source: str, cfg: DiStarConfig, teacher_unet: torch.nn.Module) -> torch.nn.Module:
+    from diffalign.core.models import ModelNotFoundError, load_unet
+
+    try:
+        net = load_unet(source, dtype=torch.float32)
+    except ModelNotFoundError as err:
+        raise FileNotFoundError(
+            f"model.{what}: no UNet checkpoint at {source} ({err}). For the two-stage protocol run the "
+            "stage-1 recipe first; its exported generator/ folder is the stage-2 starting point"
+        ) from err
+    check_init_unet(what, source, net, teacher_unet)
+    path = Path(source)
+    if what == "generator_init" and (path / METADATA_FILE).is_file():
+        t_star = read_metadata(path).get("t_star")
+        if t_star is not None and int(t_star) != cfg.generator.t_star:
+            raise ValueError(
+                f"model.generator_init = {source} was trained as a one-step generator at t* = {t_star}, but "
+                f"generator.t_star = {cfg.generator.t_star}; use the same t* to continue from it"
+            )
+    return net
+
+
 def _load_models(cfg: DiStarConfig, device) -> tuple[Any, torch.nn.Module | None, torch.nn.Module | None]:
-    from diffalign.core.models import load_pipeline, load_unet
+    from diffalign.core.models import load_pipeline
 
     pipe = load_pipeline(cfg.model.teacher, dtype=DTYPES[cfg.model.dtype], device=device)
     unet_denoiser(pipe)
-    gen = load_unet(cfg.model.generator_init, dtype=torch.float32) if cfg.model.generator_init else None
-    fake = load_unet(cfg.model.fake_init, dtype=torch.float32) if cfg.model.fake_init else None
-    for what, net in (("generator_init", gen), ("fake_init", fake)):
-        if net is not None and net.config.in_channels != pipe.unet.config.in_channels:
-            raise ValueError(
-                f"model.{what} has {net.config.in_channels} input channels, the teacher {pipe.unet.config.in_channels}"
-            )
+    gen = fake = None
+    if cfg.model.generator_init:
+        gen = _load_init("generator_init", cfg.model.generator_init, cfg, pipe.unet)
+    if cfg.model.fake_init:
+        fake = _load_init("fake_init", cfg.model.fake_init, cfg, pipe.unet)
     return pipe, gen, fake
 
 
