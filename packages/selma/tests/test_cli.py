@@ -102,6 +102,22 @@ def test_run_all_stages_then_resume_is_a_no_op(tmp_path, tiny_model_dir):
     a = fused(prompt="two red circles", generator=torch.Generator().manual_seed(0), **kw).images
     b = mem(prompt="two red circles", generator=torch.Generator().manual_seed(0), **kw).images
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # the mixed LoRA at the merge's update size: its fused weight change has the merge's Frobenius norm
+    from diffalign.core.models import network_of
+    from diffalign.selma.lora import load_adapter
+
+    base_sd = {k: v.double() for k, v in network_of(build_model(cfg, "base")).state_dict().items()}
+
+    def change(pipe) -> float:
+        sd = network_of(pipe).state_dict()
+        return sum(float((sd[k].double() - v).pow(2).sum()) for k, v in base_sd.items()) ** 0.5
+
+    merged_norm = change(mem)
+    assert change(build_model(cfg, "mixed:matched:linear")) == pytest.approx(merged_norm, rel=1e-2)
+    mixed_norm = sum(
+        float(d.pow(2).sum()) for d in load_adapter(run / "experts" / "_mixed").deltas().values()
+    )
+    assert mixed_norm**0.5 != pytest.approx(merged_norm, rel=0.05)  # unscaled, the sizes differ
     # rerunning resumes everything from disk (no new checkpoints, same results)
     before = sorted(p.name for p in (run / "experts" / "count" / "checkpoints").iterdir())
     res = CliRunner().invoke(app, ["run", str(recipe)])

@@ -36,7 +36,7 @@ def bench_config(args, run_dir: Path, weak: bool = False) -> SelmaConfig:
     quick = args.quick
     images = {
         "num_inference_steps": args.weak_steps if weak else args.sample_steps,
-        "guidance_scale": args.guidance,
+        "guidance_scale": getattr(args, "data_guidance", 2.0),
         "batch_size": 32,
         "images_per_prompt": args.images_per_prompt or (2 if quick else 8),
     }
@@ -71,6 +71,8 @@ def bench_config(args, run_dir: Path, weak: bool = False) -> SelmaConfig:
                 "checkpoint_every": 50,
                 "random_flip": False,
                 "center_crop": True,
+                "loss_weighting": "teacher",
+                "caption_dropout": 0.1,
             },
             "merge": {"method": "linear", "density": 0.5, "export": "lora"},
             "eval": {
@@ -93,6 +95,8 @@ def _mean_f(res: dict) -> float | None:
 
 def _targets(results: dict, skills: list[str], merged_key: str) -> dict:
     base, merged, mixed = results.get("base"), results.get(merged_key), results.get("mixed")
+    method = merged_key.split(":", 1)[1] if ":" in merged_key else "linear"
+    matched = results.get(f"mixed:matched:{method}")
     if not base or not merged or "faithfulness" not in base:
         return {"available": False}
     drops = {
@@ -110,6 +114,11 @@ def _targets(results: dict, skills: list[str], merged_key: str) -> dict:
     if mixed:
         out["merged_minus_mixed_mean_points"] = _mean_f(merged) - _mean_f(mixed)
         out["merged_ge_mixed"] = _mean_f(merged) >= _mean_f(mixed)
+    if matched:
+        # the fair comparison: the mixed LoRA's update scaled to the merge's Frobenius norm (global scale)
+        out["mixed_matched"] = f"mixed:matched:{method}"
+        out["merged_minus_mixed_matched_mean_points"] = _mean_f(merged) - _mean_f(matched)
+        out["merged_ge_mixed_matched"] = _mean_f(merged) >= _mean_f(matched)
     return out
 
 
@@ -127,7 +136,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skills", nargs="+", default=["object", "count", "color", "spatial"])
     ap.add_argument("--sample-steps", type=int, default=20)
-    ap.add_argument("--guidance", type=float, default=4.0)
+    ap.add_argument("--guidance", type=float, default=4.0, help="CFG of the evaluation samples")
+    ap.add_argument(
+        "--data-guidance", type=float, default=2.0, help="CFG of the self-generated training images"
+    )
     ap.add_argument("--weak-steps", type=int, default=4, help="sampling steps of the weak generator")
     ap.add_argument(
         "--weak-model", default=None, help="a weaker model id (else: the teacher at --weak-steps)"
@@ -170,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
         "mixed",
         *[f"expert:{s}" for s in args.skills],
         "merged:linear",
+        "mixed:matched:linear",
         "merged:ties",
         "merged:dare_linear",
     ]

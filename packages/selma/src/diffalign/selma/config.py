@@ -120,6 +120,14 @@ class TrainConfig(Config):
     device: str | None = None
     log_every: int = Field(10, ge=1)
     mixed_steps: int | None = Field(None, ge=1)  # steps of the one-LoRA-on-all-skills baseline (None = sum)
+    # Extensions that match the expert's training to the base's own (SELMA itself uses neither):
+    # "teacher" = the shapes teachers' per-sample weight min(max(SNR, 1), snr_clamp) / (SNR + 1) on the
+    # v-prediction MSE (diffalign.core.shapes.teachers.snr_weight); "none" = the plain MSE (the paper).
+    loss_weighting: Literal["none", "teacher"] = "none"
+    snr_clamp: float = Field(5.0, gt=0)
+    # fraction of training captions replaced by the empty prompt (keeps the unconditional branch that
+    # classifier-free guidance needs); 0 = the paper
+    caption_dropout: float = Field(0.0, ge=0, lt=1)
 
 
 class MergeConfig(Config):
@@ -155,7 +163,8 @@ class EvalConfig(Config):
     rewards: list[str] = Field(default_factory=list)
     # keyword arguments per reward name, e.g. {"listener-judge": {"source": "/models/judge"}}
     reward_kwargs: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    models: list[Literal["base", "experts", "mixed", "merged"]] = Field(
+    # mixed_matched: the mixed LoRA scaled to the merge's update norm (the fair comparison)
+    models: list[Literal["base", "experts", "mixed", "mixed_matched", "merged"]] = Field(
         default_factory=lambda: ["base", "merged"]
     )
     num_inference_steps: int | None = Field(None, ge=1)

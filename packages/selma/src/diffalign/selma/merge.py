@@ -186,6 +186,41 @@ def _check_density(density: float) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+def matched_norm_scales(
+    deltas: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], per_layer: bool = False
+) -> dict[str, float]:
+    """Scales ``s`` that give ``s * deltas`` the Frobenius norm of ``reference`` (the fair-comparison size).
+
+    Global (the default, used by the benchmark): one scale for every module, with
+    ``||s * ΔW_mixed||_F = ||ΔW_merged||_F`` over all modules together (the norm of the concatenated updates),
+    so the mixed LoRA keeps its own distribution across layers and only its overall size changes, as a
+    strength knob would. ``per_layer``: each module is scaled to its reference module's norm. Modules of
+    ``deltas`` missing from ``reference`` have a zero reference; a zero update gets scale 0."""
+    missing = sorted(set(reference) - set(deltas))
+    if missing:
+        raise AdapterError(f"the reference updates have modules the updates lack (first: {missing[:3]})")
+
+    def sq(t: torch.Tensor) -> float:
+        return float(t.double().pow(2).sum())
+
+    if per_layer:
+        out = {}
+        for name, d in deltas.items():
+            n_d = sq(d) ** 0.5
+            n_r = sq(reference[name]) ** 0.5 if name in reference else 0.0
+            out[name] = n_r / n_d if n_d > 0 else 0.0
+        return out
+    n_d = sum(sq(d) for d in deltas.values()) ** 0.5
+    n_r = sum(sq(r) for r in reference.values()) ** 0.5
+    s = n_r / n_d if n_d > 0 else 0.0
+    return {name: s for name in deltas}
+
+
+def scale_deltas(deltas: Mapping[str, torch.Tensor], scales: Mapping[str, float]) -> dict[str, torch.Tensor]:
+    """``scales[m] * deltas[m]`` per module."""
+    return {name: d * scales[name] for name, d in deltas.items()}
+
+
 @dataclass
 class MergeResult:
     """Merged weight updates per module, and what was done (JSON-friendly)."""

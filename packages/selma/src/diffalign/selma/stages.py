@@ -25,7 +25,7 @@ from diffalign.core.models import network_of
 from diffalign.selma.config import SHAPES_SKILLS, SelmaConfig, SkillConfig
 from diffalign.selma.images import generate_images, pipeline_call_kwargs, read_imagefolder
 from diffalign.selma.lora import load_adapter
-from diffalign.selma.merge import fuse_deltas, merge_adapters
+from diffalign.selma.merge import fuse_deltas, matched_norm_scales, merge_adapters, scale_deltas
 from diffalign.selma.prompts import (
     HFBackend,
     OpenAIBackend,
@@ -263,6 +263,15 @@ def merged_result(cfg: SelmaConfig, method: str | None = None, experts: list[str
     )
 
 
+def matched_mixed_deltas(cfg: SelmaConfig, method: str | None = None) -> tuple[dict, float]:
+    """The mixed LoRA's weight updates scaled globally to the Frobenius norm of the merged experts'
+    updates (:func:`~diffalign.selma.merge.matched_norm_scales`), and that scale."""
+    mixed = load_adapter(cfg.path("experts", MIXED)).deltas()
+    merged = merged_result(cfg, method).deltas
+    scales = matched_norm_scales(mixed, merged)
+    return scale_deltas(mixed, scales), next(iter(scales.values()), 0.0)
+
+
 def stage_merge(cfg: SelmaConfig, method: str | None = None, log: Callable = print) -> dict:
     from diffalign.core.report import write_json
     from diffalign.selma.lora import save_adapter
@@ -309,7 +318,8 @@ def stage_merge(cfg: SelmaConfig, method: str | None = None, log: Callable = pri
 
 
 def build_model(cfg: SelmaConfig, which: str, base_factory: Callable | None = None):
-    """A pipeline for ``base``, ``expert:<skill>``, ``mixed`` or ``merged[:<method>]`` (fused in memory)."""
+    """A pipeline for ``base``, ``expert:<skill>``, ``mixed``, ``mixed:matched[:<method>]`` (the mixed LoRA
+    at the merge's update size) or ``merged[:<method>]`` (fused in memory)."""
     pipe = base_factory() if base_factory else load_model(cfg.model, cfg.dtype, cfg.device)
     if which == "base":
         return pipe
@@ -318,6 +328,11 @@ def build_model(cfg: SelmaConfig, which: str, base_factory: Callable | None = No
         return pipe
     if which == "mixed":
         load_lora(pipe, cfg.path("experts", MIXED), adapter_name="mixed")
+        return pipe
+    if which.startswith("mixed:matched"):
+        # the mixed LoRA's update scaled to the Frobenius norm of the merge's (global: one scale)
+        method = which.split(":", 2)[2] if which.count(":") == 2 else None
+        fuse_deltas(network_of(pipe), matched_mixed_deltas(cfg, method)[0])
         return pipe
     if which.startswith("merged"):
         method = which.split(":", 1)[1] if ":" in which else None
@@ -390,6 +405,8 @@ def _expand_models(cfg: SelmaConfig, kinds) -> list[str]:
             out += [f"expert:{s.name}" for s in cfg.skills]
         elif k == "merged":
             out.append(f"merged:{cfg.merge.method}")
+        elif k == "mixed_matched":
+            out.append(f"mixed:matched:{cfg.merge.method}")
         else:
             out.append(k)
     return out
@@ -401,6 +418,6 @@ def run_all(cfg: SelmaConfig, log: Callable = print) -> dict:
     save_config(cfg, cfg.run_dir)
     stage_prompts(cfg, log)
     stage_images(cfg, log=log)
-    stage_train(cfg, mixed="mixed" in cfg.eval.models, log=log)
+    stage_train(cfg, mixed=bool({"mixed", "mixed_matched"} & set(cfg.eval.models)), log=log)
     stage_merge(cfg, log=log)
     return stage_eval(cfg, log=log)

@@ -25,7 +25,7 @@ from diffalign.core.lora import add_lora, component_of, default_targets, make_lo
 from diffalign.core.models import detect_family
 from diffalign.selma.images import ImageTextDataset
 from diffalign.selma.lora import LoraAdapter, adapter_from_model, save_adapter
-from diffalign.selma.losses import diffusion_loss
+from diffalign.selma.losses import diffusion_loss, drop_captions, loss_weights
 
 FAMILIES = ("sd", "sdxl", "pixart")  # DDPM-family pipelines (the plain diffusion loss on integer timesteps)
 
@@ -156,6 +156,13 @@ def train_lora(
     dataset = ImageTextDataset(records, tcfg.resolution, tcfg.center_crop, tcfg.random_flip)
     schedule, prediction_type = den.schedule, den.prediction_type
     n_train_t = schedule.num_train_timesteps
+    weighting = getattr(tcfg, "loss_weighting", "none")
+    dropout = getattr(tcfg, "caption_dropout", 0.0)
+    if weighting == "teacher" and prediction_type != "v_prediction":
+        raise ValueError(
+            "train.loss_weighting 'teacher' is the shapes teachers' weighting of a v-prediction loss; "
+            f"this model predicts {prediction_type!r}: use loss_weighting 'none'"
+        )
 
     ckpt = CheckpointManager(out_dir, keep_last=tcfg.keep_checkpoints)
     start = 0
@@ -184,7 +191,7 @@ def train_lora(
             idx = batch_indices(seed, counter, tcfg.batch_size, len(dataset))
             items = [dataset.load(i, gen) for i in idx]
             pixels = torch.stack([it[0] for it in items])
-            prompts = [it[1] for it in items]
+            prompts = drop_captions([it[1] for it in items], dropout, gen)
             crops = torch.tensor([[it[2][0], it[2][1], it[2][2], it[2][3]] for it in items])
             with accelerator.accumulate(denoiser_p):
                 latents = den.encode_images(pixels, gen).float()
@@ -195,7 +202,8 @@ def train_lora(
                 target = prediction_target(latents, noise, alpha, sigma, prediction_type)
                 with accelerator.autocast():
                     pred = denoise(den, denoiser_p, xt, t, prompts, crops)
-                loss = diffusion_loss(pred, target)
+                weights = loss_weights(schedule.alphas_cumprod, t, weighting, getattr(tcfg, "snr_clamp", 5.0))
+                loss = diffusion_loss(pred, target, None if weights is None else weights.to(latents.device))
                 check_finite(loss, step, "selma lora loss")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and tcfg.max_grad_norm:
