@@ -3,6 +3,8 @@
 # check the wheel carries LICENSE and its recipes, and run one tiny built-in shapes recipe BY NAME from the
 # installed wheel (cwd is a temporary folder, so nothing is read from the checkout).
 set -euo pipefail
+# (grep -c, not grep -q, after a pipe: -q stops reading at the first match, and under pipefail the writer's
+# SIGPIPE then fails the check, as it did for the ecad wheel listing)
 DIST=$(cd "${1:-dist}" && pwd)
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
@@ -49,20 +51,20 @@ for wheel in "$DIST"/diffalign_*.whl; do
   "$venv/bin/pip" install --quiet "$TORCH_SPEC"
   "$venv/bin/pip" install --quiet "$core_wheel" "$wheel"
   module="diffalign.${name#diffalign_}"
-  python3 -m zipfile -l "$wheel" | grep -q "dist-info/licenses/LICENSE\|dist-info/LICENSE" \
+  python3 -m zipfile -l "$wheel" | grep -c "dist-info/licenses/LICENSE\|dist-info/LICENSE" >/dev/null \
     || { echo "error: $dist wheel has no LICENSE"; exit 1; }
   cd "$work"
   export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
   "$venv/bin/python" -c "import $module, sys; print('$dist', $module.__version__)"
-  "$venv/bin/diffalign" --version | grep -q "diffalign-core"
+  "$venv/bin/diffalign" --version | grep -c "diffalign-core" >/dev/null
   if [ "$dist" = "diffalign-core" ]; then
     "$venv/bin/diffalign" --help >/dev/null
   else
-    python3 -m zipfile -l "$wheel" | grep -q "diffalign/${name#diffalign_}/recipes/" \
+    python3 -m zipfile -l "$wheel" | grep -c "diffalign/${name#diffalign_}/recipes/" >/dev/null \
       || { echo "error: $dist wheel has no recipes"; exit 1; }
     "$venv/bin/$dist" --help >/dev/null
-    "$venv/bin/$dist" --version | grep -q "$dist"
-    "$venv/bin/diffalign" --help | grep -q "$method"
+    "$venv/bin/$dist" --version | grep -c "$dist" >/dev/null
+    "$venv/bin/diffalign" --help | grep -c "$method" >/dev/null
     "$venv/bin/diffalign" "$method" recipes --paths | grep "site-packages" >/dev/null \
       || { echo "error: $dist recipes are not read from the installed wheel"; exit 1; }
     for recipe in $("$venv/bin/diffalign" "$method" recipes | cut -d' ' -f1); do
