@@ -292,19 +292,6 @@ def load_tiny_vlm(path: str | Path, dtype=None):
 
 __all__ = [
     "CHAT_TEMPLATE",
-    "build_processor",
-    "build_word_tokenizer",
-    "is_tiny_vlm_dir",
-    "load_tiny_processor",
-    "load_tiny_vlm",
-    "save_tiny_vlm",
-    "tiny_qwen2_5_vl",
-    "tiny_qwen2_5_vl_config",
-]
-
-
-__all__ = [
-    "CHAT_TEMPLATE",
     "DEFAULT_WORDS",
     "MARKUP_TOKENS",
     "PROCESSOR_MARKER",
