@@ -189,6 +189,7 @@ def render(name: str, result: dict) -> str:
 
 
 EXTRA_SECTIONS = {
+    "core-shapes-eval": "python -m diffalign.core.shapes.evaluate --out bench/results/core-shapes-eval.json",
     "slow-tests": "python tools/bench.py --only",
     "scale": "python tools/bench.py --only --no-slow-tests --scale",
     "mutation": "make mutation",
@@ -255,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     sections = []
     for name in PACKAGES:
         path = results_dir / f"{name}.json"
+        # companion results of the same package (seed aggregates, reruns): bench/results/<name>-<what>.json
+        companions = sorted(results_dir.glob(f"{name}-*.json"))
         if path.exists():
             result = json.loads(path.read_text())
             if name in walls:
@@ -262,8 +265,10 @@ def main(argv: list[str] | None = None) -> int:
                 result["cpu_time_s"] = round(cpus[name], 1)
                 result["torch_threads"] = args.threads
             sections.append(render(name, result))
-        else:
+        elif not companions:
             sections.append(f"## {name}\n\nNot measured yet: run `python tools/bench.py --only {name}`.\n")
+        for companion in companions:
+            sections.append(render(companion.stem, json.loads(companion.read_text())))
     for name, how in EXTRA_SECTIONS.items():
         path = results_dir / f"{name}.json"
         if path.exists():
