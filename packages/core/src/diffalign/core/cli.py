@@ -29,6 +29,7 @@ __all__ = [
     "recipe_argument",
     "set_option",
     "add_recipes_command",
+    "method_app",
     "version_callback",
     "SetOption",
     "ConfigArgument",
@@ -147,6 +148,27 @@ def version_callback(dist: str) -> Callable[[bool], None]:
             raise typer.Exit()
 
     return callback
+
+
+def method_app(method: str, help: str) -> typer.Typer:
+    """The typer app of a method package: its ``--version`` (of ``diffalign-<method>``) and ``recipes``
+    command; the package adds its own commands."""
+    app = typer.Typer(name=method, help=help, no_args_is_help=True, add_completion=False)
+
+    @app.callback()
+    def _root(
+        show_version: bool = typer.Option(
+            False,
+            "--version",
+            callback=version_callback(f"diffalign-{method}"),
+            is_eager=True,
+            help="Print the version.",
+        ),
+    ) -> None:
+        pass
+
+    add_recipes_command(app, method)
+    return app
 
 
 app = typer.Typer(

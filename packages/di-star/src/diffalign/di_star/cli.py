@@ -8,34 +8,17 @@ import typer
 
 from diffalign.core.cli import (
     RunDirOption,
-    add_recipes_command,
     load_recipe_or_exit,
+    method_app,
     recipe_argument,
     set_option,
-    version_callback,
 )
 from diffalign.core.config import Component
 
-app = typer.Typer(
-    name="di-star",
-    help="Diff-Instruct*: reward post-training of one-step generators with a score-divergence regulariser.",
-    no_args_is_help=True,
-    add_completion=False,
+app = method_app(
+    "di-star",
+    "Diff-Instruct*: reward post-training of one-step generators with a score-divergence regulariser.",
 )
-add_recipes_command(app, "di-star")
-
-
-@app.callback()
-def _root(
-    show_version: bool = typer.Option(
-        False,
-        "--version",
-        callback=version_callback("diffalign-di-star"),
-        is_eager=True,
-        help="Print the version.",
-    ),
-) -> None:
-    """Diff-Instruct*: reward post-training of one-step generators with a score-divergence regulariser."""
 
 
 def recipe_components(cfg) -> list[Component]:

@@ -8,34 +8,17 @@ from pathlib import Path
 import typer
 
 from diffalign.core.cli import (
-    add_recipes_command,
     load_recipe_or_exit,
+    method_app,
     recipe_argument,
     set_option,
-    version_callback,
 )
 from diffalign.core.config import Component
 
-app = typer.Typer(
-    name="ecad",
-    help="ECAD: evolutionary search of per-model feature-caching schedules for diffusion transformers.",
-    no_args_is_help=True,
-    add_completion=False,
+app = method_app(
+    "ecad",
+    "ECAD: evolutionary search of per-model feature-caching schedules for diffusion transformers.",
 )
-add_recipes_command(app, "ecad")
-
-
-@app.callback()
-def _root(
-    show_version: bool = typer.Option(
-        False,
-        "--version",
-        callback=version_callback("diffalign-ecad"),
-        is_eager=True,
-        help="Print the version.",
-    ),
-) -> None:
-    """ECAD: evolutionary search of per-model feature-caching schedules for diffusion transformers."""
 
 
 def recipe_components(cfg) -> list[Component]:

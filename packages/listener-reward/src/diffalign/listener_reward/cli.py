@@ -8,37 +8,20 @@ from pathlib import Path
 import typer
 
 from diffalign.core.cli import (
-    add_recipes_command,
     load_recipe_or_exit,
+    method_app,
     recipe_argument,
     set_option,
-    version_callback,
 )
 from diffalign.core.config import Component
 
-app = typer.Typer(
-    name="listener-reward",
-    help="Listener-shaped GRPO for VLM image-preference judges (arXiv 2506.22832).",
-    no_args_is_help=True,
-    add_completion=False,
+app = method_app(
+    "listener-reward",
+    "Listener-shaped GRPO for VLM image-preference judges (arXiv 2506.22832).",
 )
-add_recipes_command(app, "listener-reward")
 
 ConfigArg = recipe_argument("listener-reward")
 SetOpt = set_option("grpo.beta=0.0")
-
-
-@app.callback()
-def _root(
-    show_version: bool = typer.Option(
-        False,
-        "--version",
-        callback=version_callback("diffalign-listener-reward"),
-        is_eager=True,
-        help="Print the version.",
-    ),
-) -> None:
-    """Listener-shaped GRPO for VLM image-preference judges (arXiv 2506.22832)."""
 
 
 def recipe_components(cfg) -> list[Component]:

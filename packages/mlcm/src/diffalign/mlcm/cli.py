@@ -8,34 +8,17 @@ import typer
 
 from diffalign.core.cli import (
     RunDirOption,
-    add_recipes_command,
     load_recipe_or_exit,
+    method_app,
     recipe_argument,
     set_option,
-    version_callback,
 )
 from diffalign.core.config import Component
 
-app = typer.Typer(
-    name="mlcm",
-    help="Multistep latent consistency distillation (MLCM/TLCM): a 2-8 step student from prompts only.",
-    no_args_is_help=True,
-    add_completion=False,
+app = method_app(
+    "mlcm",
+    "Multistep latent consistency distillation (MLCM/TLCM): a 2-8 step student from prompts only.",
 )
-add_recipes_command(app, "mlcm")
-
-
-@app.callback()
-def _root(
-    show_version: bool = typer.Option(
-        False,
-        "--version",
-        callback=version_callback("diffalign-mlcm"),
-        is_eager=True,
-        help="Print the version.",
-    ),
-) -> None:
-    """Multistep latent consistency distillation (MLCM/TLCM): a 2-8 step student from prompts only."""
 
 
 def recipe_components(cfg) -> list[Component]:

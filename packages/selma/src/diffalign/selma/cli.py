@@ -5,38 +5,21 @@ from __future__ import annotations
 import typer
 
 from diffalign.core.cli import (
-    add_recipes_command,
     load_recipe_or_exit,
+    method_app,
     recipe_argument,
     set_option,
-    version_callback,
 )
 from diffalign.core.config import Component
 
-app = typer.Typer(
-    name="selma",
-    help="SELMA: skill-specific LoRA experts from auto-generated data, merged into one model.",
-    no_args_is_help=True,
-    add_completion=False,
+app = method_app(
+    "selma",
+    "SELMA: skill-specific LoRA experts from auto-generated data, merged into one model.",
 )
-add_recipes_command(app, "selma")
 
 RecipeArg = recipe_argument("selma")
 SetOpt = set_option("train.steps=100")
 RunDirOpt = typer.Option(None, "--run-dir", help="Run directory (overrides the recipe's run_dir)")
-
-
-@app.callback()
-def _root(
-    show_version: bool = typer.Option(
-        False,
-        "--version",
-        callback=version_callback("diffalign-selma"),
-        is_eager=True,
-        help="Print the version.",
-    ),
-) -> None:
-    """SELMA: skill-specific LoRA experts from auto-generated data, merged into one model."""
 
 
 def recipe_components(cfg) -> list[Component]:
