@@ -125,6 +125,17 @@ def _as_timesteps(t, device=None) -> torch.Tensor:
     return torch.as_tensor(t, device=device).long()
 
 
+def _placed(alpha, sigma, t, like, dtype):
+    """``(alpha, sigma)`` on ``t``'s device in ``dtype``, or, with ``like``, shaped ``[B, 1, ...]`` to broadcast
+    against it on its device and dtype (the common tail of every schedule's ``alpha_sigma``)."""
+    if like is None:
+        return alpha.to(t.device, dtype), sigma.to(t.device, dtype)
+    if alpha.ndim == 1:
+        shape = (-1,) + (1,) * (like.ndim - 1)
+        alpha, sigma = alpha.reshape(shape), sigma.reshape(shape)
+    return alpha.to(like.device, like.dtype), sigma.to(like.device, like.dtype)
+
+
 class NoiseSchedule:
     """Discrete variance-preserving schedule: ``alpha_t = sqrt(abar_t)``, ``sigma_t = sqrt(1 - abar_t)``
     for integer ``t`` in ``[0, T-1]``."""
@@ -175,12 +186,7 @@ class NoiseSchedule:
         t = _as_timesteps(t, getattr(t, "device", None))
         self._check(t)
         alpha, sigma = self._alpha_sigma64(t)
-        if like is None:
-            return alpha.to(t.device, dtype), sigma.to(t.device, dtype)
-        if alpha.ndim == 1:
-            shape = (-1,) + (1,) * (like.ndim - 1)
-            alpha, sigma = alpha.reshape(shape), sigma.reshape(shape)
-        return alpha.to(like.device, like.dtype), sigma.to(like.device, like.dtype)
+        return _placed(alpha, sigma, t, like, dtype)
 
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
         """``alpha_t x0 + sigma_t eps`` (computed in float32, returned in ``x0``'s dtype)."""
@@ -230,12 +236,7 @@ class FlowSchedule(NoiseSchedule):
         self._check(t)
         sigma = (t / self._n).cpu()
         alpha = 1.0 - sigma
-        if like is None:
-            return alpha.to(t.device, dtype), sigma.to(t.device, dtype)
-        if alpha.ndim == 1:
-            shape = (-1,) + (1,) * (like.ndim - 1)
-            alpha, sigma = alpha.reshape(shape), sigma.reshape(shape)
-        return alpha.to(like.device, like.dtype), sigma.to(like.device, like.dtype)
+        return _placed(alpha, sigma, t, like, dtype)
 
 
 # --------------------------------------------------------------------------------------------------
