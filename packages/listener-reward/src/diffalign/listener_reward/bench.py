@@ -24,6 +24,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -33,7 +34,7 @@ import torch
 from diffalign.listener_reward.config import ListenerRewardRecipe
 
 SHAPES_RECIPE = Path(__file__).resolve().parents[3] / "recipes" / "shapes.yaml"
-STAGE_CODE_VERSION = 2  # bump when a stage's training code changes what it produces
+STAGE_CODE_VERSION = 3  # bump when a stage's training code changes what it produces
 # The captioning base (the stand-in for a pretrained VLM) and the listener (a fixed, independent judge)
 # are the same for every bench seed, as pretrained models are; the seed varies the preference data, the
 # single-image scorer, SFT and both GRPO runs.
@@ -44,6 +45,7 @@ QUICK = dict(
     num_eval=48,
     base_steps=60,
     listener_base_steps=60,
+    base_lr=1e-3,
     listener_steps=80,
     listener_batch=16,
     listener_pairs=400,
@@ -57,8 +59,12 @@ QUICK = dict(
 FULL = dict(
     num_train=256,
     num_eval=160,
-    base_steps=400,
-    listener_base_steps=300,
+    # 2000 captioning steps at lr 1e-3: the base names colour and shape of every render (1.00 / 1.00 on
+    # 150 fresh renders); 400-600 steps at 3e-3 learnt colour only (shape at chance), which left every
+    # judge downstream at chance
+    base_steps=2000,
+    listener_base_steps=2000,
+    base_lr=1e-3,
     listener_steps=600,
     listener_batch=32,
     listener_pairs=3000,
@@ -69,7 +75,11 @@ FULL = dict(
     k_samples=8,
     listener_weight=1.0,
 )
-FLOAT_BUDGET = {"listener_weight"}
+FLOAT_BUDGET = {"listener_weight", "base_lr"}
+# a captioning base must name the shape of this share of fresh renders before anything is trained on it
+GATE_SHAPE_ACCURACY = 0.9
+# the listener alone (empty reasoning) must agree with the annotators this often on held-out pairs
+GATE_LISTENER_ACCURACY = 0.65
 
 
 def bench_config(
@@ -113,7 +123,13 @@ def stage_plan(cfg: ListenerRewardRecipe, budget: dict, seed: int) -> dict:
 
     add(
         "reasoner_init",
-        {"seed": WORLD_SEED, "base_steps": budget["base_steps"], "sizes": TINY_SIZES, **pixels},
+        {
+            "seed": WORLD_SEED,
+            "base_steps": budget["base_steps"],
+            "base_lr": budget["base_lr"],
+            "sizes": TINY_SIZES,
+            **pixels,
+        },
     )
     listener_sizes = listener_size(budget)
     add(
@@ -126,7 +142,13 @@ def stage_plan(cfg: ListenerRewardRecipe, budget: dict, seed: int) -> dict:
             "prompts": prompts,
             **{
                 k: budget[k]
-                for k in ("listener_base_steps", "listener_steps", "listener_pairs", "listener_batch")
+                for k in (
+                    "listener_base_steps",
+                    "base_lr",
+                    "listener_steps",
+                    "listener_pairs",
+                    "listener_batch",
+                )
             },
             **pixels,
         },
@@ -271,6 +293,49 @@ def _train_log_summary(history: Path) -> dict | None:
     return {"logged_rows": len(rows), "summary": summary}
 
 
+class GateError(RuntimeError):
+    """A model the benchmark builds on cannot do what the later stages assume (see :func:`check_gates`)."""
+
+
+def check_gates(dirs: dict, pairs, cfg: ListenerRewardRecipe, enforce: bool = True) -> dict:
+    """Before any judge is trained: the reasoner's captioning base must name colour and shape
+    (:data:`GATE_SHAPE_ACCURACY`), and the listener reading no reasoning must pick the annotators' image
+    (:data:`GATE_LISTENER_ACCURACY`). Judges built on a base that cannot see the shape score at chance
+    whatever the reward, so a failed gate stops the benchmark (``enforce=False`` records and goes on)."""
+    from diffalign.listener_reward.modeling import load_vlm_and_processor
+    from diffalign.listener_reward.rewards import LocalListener
+    from diffalign.listener_reward.shapes_models import caption_accuracy
+
+    model, processor = load_vlm_and_processor(dirs["reasoner_init"])
+    base = caption_accuracy(model, processor, n=120, seed=WORLD_SEED, image_size=cfg.data.image_size)
+    model, processor = load_vlm_and_processor(dirs["listener"])
+    listener = LocalListener(model, processor, cfg.prompts, batch_size=32)
+    probs = listener.probabilities([p.prompt for p in pairs], [p.images() for p in pairs], [""] * len(pairs))
+    choice = (probs[:, 1] > probs[:, 0]).long().numpy() + 1
+    listener_acc = float((choice == np.array([p.label for p in pairs])).mean())
+    gates = {
+        "reasoner_base_caption": base,
+        "listener_images_only_accuracy": listener_acc,
+        "thresholds": {"shape_accuracy": GATE_SHAPE_ACCURACY, "listener_accuracy": GATE_LISTENER_ACCURACY},
+    }
+    failed = []
+    if base["shape_accuracy"] < GATE_SHAPE_ACCURACY:
+        failed.append(
+            f"the reasoner's captioning base names the shape of {base['shape_accuracy']:.2f} of renders "
+            f"(< {GATE_SHAPE_ACCURACY}); train it longer or at another learning rate (--budget base_steps=...)"
+        )
+    if listener_acc < GATE_LISTENER_ACCURACY:
+        failed.append(
+            f"the listener alone agrees with the annotators on {listener_acc:.2f} of held-out pairs "
+            f"(< {GATE_LISTENER_ACCURACY}); train it longer (--budget listener_base_steps=... listener_steps=...)"
+        )
+    gates["passed"] = not failed
+    print(f"[bench] gates: {json.dumps(gates)}", flush=True)
+    if failed and enforce:
+        raise GateError("; ".join(failed) + " (--no-gate to go on anyway)")
+    return gates
+
+
 def run(
     out: Path,
     quick: bool,
@@ -278,6 +343,7 @@ def run(
     seed: int = 0,
     budget_overrides: dict | None = None,
     overrides: list[str] | None = None,
+    gate: bool = True,
 ) -> dict:
     from diffalign.listener_reward.data import load_pairs
     from diffalign.listener_reward.evaluate import evaluate_judge, evaluate_sampled
@@ -311,7 +377,11 @@ def run(
         "reasoner_init",
         dirs["reasoner_init"],
         lambda: build_reasoner_init(
-            cfg, dirs["reasoner_init"], seed=WORLD_SEED, base_steps=budget["base_steps"]
+            cfg,
+            dirs["reasoner_init"],
+            seed=WORLD_SEED,
+            base_steps=budget["base_steps"],
+            base_lr=budget["base_lr"],
         ),
         timings,
         plan["reasoner_init"]["fingerprint"],
@@ -326,6 +396,7 @@ def run(
             budget["listener_pairs"],
             seed=1000 + WORLD_SEED,
             base_steps=budget["listener_base_steps"],
+            base_lr=budget["base_lr"],
             batch_size=budget["listener_batch"],
             split="all",
             sizes=listener_size(budget),
@@ -333,6 +404,7 @@ def run(
         timings,
         plan["listener"]["fingerprint"],
     )
+    gates = check_gates(dirs, eval_pairs["test_id"], cfg, gate)
     _stage(
         "single_image_scorer",
         dirs["single_image_scorer"],
@@ -430,6 +502,7 @@ def run(
         "results": results,
         "paired": paired_differences([results]),
         "reference": reference,
+        "gates": gates,
         "training": training,
         "baseline_for": {"grpo_listener": "grpo_naive", "grpo_naive": "sft", "sft": "single_image_scorer"},
         "timings_s": timings,
@@ -624,6 +697,11 @@ def main(argv=None) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="recipe override"
     )
     parser.add_argument(
+        "--no-gate",
+        action="store_true",
+        help="go on when the captioning base or the listener fails its check (recorded in the report)",
+    )
+    parser.add_argument(
         "--aggregate",
         nargs="+",
         type=Path,
@@ -649,7 +727,11 @@ def main(argv=None) -> None:
             parser.error(f"--budget expects KEY=N (N >= 0) with KEY in {sorted(FULL)}; got {item!r}")
         budget[key] = parsed
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    run(args.out, args.quick, args.work, args.seed, budget, args.overrides)
+    try:
+        run(args.out, args.quick, args.work, args.seed, budget, args.overrides, gate=not args.no_gate)
+    except GateError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":
