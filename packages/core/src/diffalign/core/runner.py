@@ -343,6 +343,7 @@ def run_recipe(
     check: Callable[[T], None] | None = None,
     components: Callable[[T], Iterable[Component]] | None = None,
     run_dir: str | os.PathLike | None = None,
+    run_name: str | None = None,
     resume: ResumeMode = "auto",
     allow_changed: Iterable[str] | None = (),
     fingerprint_ignore: Iterable[str] = ("run_dir",),
@@ -354,7 +355,8 @@ def run_recipe(
 ) -> int:
     """Run ``train(cfg)`` for a recipe file and overrides; returns the process exit code.
 
-    ``method`` names the run in its run directory. ``fingerprint_ignore`` lists recipe keys that may
+    ``method`` names the method (its built-in recipes) and, unless ``run_name`` is given (a method
+    with several kinds of run, such as SFT and GRPO), the run in its run directory. ``fingerprint_ignore`` lists recipe keys that may
     differ on resume (``launch`` is a good candidate when a method's result does not depend on the
     process layout); ``allow_changed`` is the user's explicit permission for others. ``input_errors``
     and ``runtime_errors`` add method-specific exception types to the two exit codes.
@@ -394,7 +396,7 @@ def run_recipe(
         if target_dir is not None and process_rank() == 0:
             prepare_run_dir(
                 target_dir,
-                method,
+                run_name or method,
                 cfg,
                 resume=resume,
                 allow_changed=allow_changed or (),
