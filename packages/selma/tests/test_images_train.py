@@ -177,7 +177,7 @@ def test_train_only_lora_trains_saves_and_resumes_exactly(sd_images, tmp_path):
     (part / "pytorch_lora_weights.safetensors").unlink()  # simulate the kill before export
     (part / "selma_adapter.json").unlink()
     ckpts = sorted(p.name for p in (part / "checkpoints").iterdir())
-    assert ckpts == ["step_00000002.pt"]
+    assert ckpts == ["state_00000002"]
     # the checkpoint was made for a 2-step run; restarting with 4 steps is refused clearly
     with pytest.raises(ValueError, match="use another run directory"):
         train_lora(tiny_sd_pipeline(), recs, part, _tcfg(steps=4), seed=0, log=lambda *_: None)

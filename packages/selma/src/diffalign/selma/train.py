@@ -103,8 +103,10 @@ def train_lora(
     """
     from diffusers.optimization import get_scheduler
 
-    from diffalign.core.launch import make_accelerator
-    from diffalign.core.training import CheckpointManager, check_finite, progress
+    from diffalign.core.checkpoints import StateCheckpoints
+    from diffalign.core.launch import LaunchConfig, check_process_count, make_accelerator
+    from diffalign.core.monitor import StepLogger
+    from diffalign.core.training import check_finite
 
     out_dir = Path(out_dir)
     steps = steps or tcfg.steps
@@ -120,6 +122,7 @@ def train_lora(
             log(f"[selma] {out_dir} already holds a finished adapter ({steps} steps); skipping")
             return out_dir
     accelerator = make_accelerator(launch, out_dir)
+    check_process_count(accelerator, launch or LaunchConfig())
     device = accelerator.device
     pipe.to(device)
     for comp in ("vae", "text_encoder", "text_encoder_2"):
@@ -164,23 +167,23 @@ def train_lora(
             f"this model predicts {prediction_type!r}: use loss_weighting 'none'"
         )
 
-    ckpt = CheckpointManager(out_dir, keep_last=tcfg.keep_checkpoints)
+    # accelerate's save_state/load_state: the LoRA model, the optimizer (every ZeRO partition), the LR
+    # schedule and the RNG states of every rank, atomically and verified
+    ckpt = StateCheckpoints(accelerator, out_dir, keep_last=tcfg.keep_checkpoints)
     start = 0
-    state = ckpt.load_latest()
-    if state is not None:
-        if state.get("rank") != tcfg.rank or state.get("total_steps") != steps:
+    latest = ckpt.latest_step()
+    if latest is not None:
+        shape = ckpt.extra(latest)
+        if shape.get("rank") != tcfg.rank or shape.get("total_steps") != steps:
             raise ValueError(
-                f"checkpoint in {ckpt.dir} was made with rank {state.get('rank')} / {state.get('total_steps')} steps, "
-                f"the recipe asks for rank {tcfg.rank} / {steps} steps: use another run directory"
+                f"checkpoint in {ckpt.dir} was made with rank {shape.get('rank')} / {shape.get('total_steps')} "
+                f"steps, the recipe asks for rank {tcfg.rank} / {steps} steps: use another run directory"
             )
-        _load_lora_tensors(accelerator.unwrap_model(denoiser_p), state["lora"])
-        optimizer.load_state_dict(state["optimizer"])
-        lr_sched.load_state_dict(state["lr_scheduler"])
-        start = int(state["step"])
+        ckpt.load(latest)
+        start = latest
         log(f"[selma] resuming {out_dir.name} from step {start}")
     rank, world = accelerator.process_index, accelerator.num_processes
-    bar_kwargs = {} if accelerator.is_main_process else {"disable": True}
-    bar = progress(total=steps, initial=start, desc=f"train[{skill or out_dir.name}]", **bar_kwargs)
+    bar = StepLogger(steps, log_every=tcfg.log_every, desc=f"train[{skill or out_dir.name}]", initial=start)
     denoiser_p.train()
     last_loss = float("nan")
     history: list[dict] = []
@@ -215,22 +218,9 @@ def train_lora(
         done = step + 1
         if done % tcfg.log_every == 0 or done == steps:
             history.append({"step": done, "loss": last_loss})
-        bar.update(1)
-        bar.set_postfix(loss=f"{last_loss:.4f}")
+        bar.step(done, {"loss": last_loss})
         if done % tcfg.checkpoint_every == 0 or done == steps:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                ckpt.save(
-                    done,
-                    {
-                        "step": done,
-                        "lora": _lora_tensors(accelerator.unwrap_model(denoiser_p)),
-                        "optimizer": optimizer.state_dict(),
-                        "lr_scheduler": lr_sched.state_dict(),
-                        "rank": tcfg.rank,
-                        "total_steps": steps,
-                    },
-                )
+            ckpt.save(done, {"rank": tcfg.rank, "total_steps": steps})
         if done in tcfg.adapter_steps and accelerator.is_main_process:
             _export(
                 accelerator.unwrap_model(denoiser_p),
@@ -262,20 +252,6 @@ def train_lora(
     accelerator.wait_for_everyone()
     accelerator.free_memory()
     return out_dir
-
-
-def _lora_tensors(denoiser) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in denoiser.named_parameters() if "lora_" in n}
-
-
-@torch.no_grad()
-def _load_lora_tensors(denoiser, tensors: dict[str, torch.Tensor]) -> None:
-    params = dict(denoiser.named_parameters())
-    missing = [n for n in tensors if n not in params]
-    if missing:
-        raise ValueError(f"checkpoint LoRA tensors do not match the model (first: {missing[:3]})")
-    for n, t in tensors.items():
-        params[n].copy_(t)
 
 
 def _export(
