@@ -30,8 +30,12 @@ from diffalign.selma.losses import diffusion_loss, drop_captions, loss_weights
 FAMILIES = ("sd", "sdxl", "pixart")  # DDPM-family pipelines (the plain diffusion loss on integer timesteps)
 
 
-def _step_seed(seed: int, step: int, micro: int, rank: int) -> int:
-    return int(hashlib.sha256(f"selma-train:{seed}:{step}:{micro}:{rank}".encode()).hexdigest()[:15], 16)
+def _micro_batch_seed(seed: int, micro_batch: int) -> int:
+    """Seed of the noise, timesteps, crops and caption dropout of global micro-batch ``micro_batch``.
+
+    Micro-batch ``(step * accumulation + micro) * processes + rank`` is drawn the same way however the
+    global batch is laid out, so N processes train like one process accumulating N micro-batches."""
+    return int(hashlib.sha256(f"selma-train:{seed}:{micro_batch}:0:0".encode()).hexdigest()[:15], 16)
 
 
 def batch_indices(seed: int, counter: int, batch_size: int, n: int) -> list[int]:
@@ -189,8 +193,9 @@ def train_lora(
     history: list[dict] = []
     for step in range(start, steps):
         for micro in range(accum):
-            gen = torch.Generator().manual_seed(_step_seed(seed, step, micro, rank))
-            counter = ((step * accum + micro) * world + rank) * tcfg.batch_size
+            micro_batch = (step * accum + micro) * world + rank
+            gen = torch.Generator().manual_seed(_micro_batch_seed(seed, micro_batch))
+            counter = micro_batch * tcfg.batch_size
             idx = batch_indices(seed, counter, tcfg.batch_size, len(dataset))
             items = [dataset.load(i, gen) for i in idx]
             pixels = torch.stack([it[0] for it in items])
