@@ -4,8 +4,8 @@ Reads like v6 Sec. 4 of arXiv 2406.05768: every iteration draws prompts only; tr
 guided teacher's own DDIM trajectories. The student is a LoRA on the teacher (teacher = adapters disabled)
 or a full copy. Runs single-process, DDP or DeepSpeed through core's ``make_accelerator``; checkpoints
 atomically every ``checkpoint.every`` iterations and resumes from the latest one. Every random draw of
-iteration ``i`` comes from a generator seeded by ``(seed, i, rank)``, so a resumed run retraces an
-uninterrupted one.
+iteration ``i`` on rank ``r`` of ``N`` comes from a generator seeded by ``(seed, i * N + r)``, so a resumed
+run retraces an uninterrupted one and N processes draw what one process accumulating N micro-batches draws.
 """
 
 from __future__ import annotations
@@ -292,8 +292,10 @@ def export_student(distiller: Distiller, out_dir: Path, source: str) -> Path:
     return out_dir
 
 
-def _step_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 131 + rank)
+def _step_generator(seed: int, micro_batch: int) -> torch.Generator:
+    """The generator of global micro-batch ``micro_batch`` (``step * processes + rank``): N processes draw
+    what one process accumulating N micro-batches per optimizer step draws."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + micro_batch) * 131)
 
 
 def train(cfg: MLCMRecipe, pipe=None, reward=None, max_steps: int | None = None) -> TrainResult:
@@ -355,7 +357,7 @@ def train(cfg: MLCMRecipe, pipe=None, reward=None, max_steps: int | None = None)
             current_key = phase.key
         for group in optimizer.param_groups:
             group["lr"] = phase.lr
-        gen = _step_generator(cfg.seed, step, accelerator.process_index)
+        gen = _step_generator(cfg.seed, step * accelerator.num_processes + accelerator.process_index)
         bsz = (cfg.reward.batch_size or batch) if phase.stage == "reward" else batch
         idx = torch.randint(0, len(prompts), (bsz,), generator=gen)
         batch_prompts = [prompts[i] for i in idx.tolist()]
