@@ -226,14 +226,18 @@ class DiStarTrainer:
         seed = (
             self.cfg.seed * 1_000_003 + step * 101 + round_index * 7 + (0 if phase == "fake" else 1)
         ) % 2**63
-        if self.accelerator is not None:
-            seed = (seed + 7919 * self.accelerator.process_index) % 2**63
         gen = torch.Generator().manual_seed(seed)
+        # every rank draws the global batch (processes x data.batch_size) and keeps its own slice, so N
+        # processes train on the rows one process with N times the batch would
         b = self.cfg.data.batch_size
-        idx = torch.randint(len(self.prompts), (b,), generator=gen).tolist()
-        noise = torch.randn(b, *self.latent_shape, generator=gen)
-        timesteps = self.schedule.sample_timesteps(b, *t_range, generator=gen)
-        eps = torch.randn(b, *self.latent_shape, generator=gen)
+        rank, world = (
+            (self.accelerator.process_index, self.accelerator.num_processes) if self.accelerator else (0, 1)
+        )
+        total, mine = b * world, slice(rank * b, (rank + 1) * b)
+        idx = torch.randint(len(self.prompts), (total,), generator=gen)[mine].tolist()
+        noise = torch.randn(total, *self.latent_shape, generator=gen)[mine]
+        timesteps = self.schedule.sample_timesteps(total, *t_range, generator=gen)[mine]
+        eps = torch.randn(total, *self.latent_shape, generator=gen)[mine]
         return StepRandomness(
             [self.prompts[i] for i in idx],
             noise.to(self.device),
