@@ -110,7 +110,8 @@ def train_lora(
     from diffalign.core.checkpoints import StateCheckpoints
     from diffalign.core.launch import LaunchConfig, check_process_count, make_accelerator
     from diffalign.core.monitor import StepLogger
-    from diffalign.core.training import check_finite
+    from diffalign.core.rundir import MetricsLog
+    from diffalign.core.training import check_finite, make_tracker
 
     out_dir = Path(out_dir)
     steps = steps or tcfg.steps
@@ -187,6 +188,11 @@ def train_lora(
         start = latest
         log(f"[selma] resuming {out_dir.name} from step {start}")
     rank, world = accelerator.process_index, accelerator.num_processes
+    track = make_tracker(
+        accelerator, out_dir, project=f"selma-{skill or out_dir.name}", config=tcfg.model_dump()
+    )
+    metrics = MetricsLog(out_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
+    metrics.truncate(start)  # rows logged after the checkpoint would be logged again
     bar = StepLogger(steps, log_every=tcfg.log_every, desc=f"train[{skill or out_dir.name}]", initial=start)
     denoiser_p.train()
     last_loss = float("nan")
@@ -223,6 +229,8 @@ def train_lora(
         done = step + 1
         if done % tcfg.log_every == 0 or done == steps:
             history.append({"step": done, "loss": last_loss})
+            metrics.append(done, {"loss": last_loss, "lr": lr_sched.get_last_lr()[0]})
+            track({"loss": last_loss}, done)
         bar.step(done, {"loss": last_loss})
         if done % tcfg.checkpoint_every == 0 or done == steps:
             ckpt.save(done, {"rank": tcfg.rank, "total_steps": steps})
@@ -255,6 +263,7 @@ def train_lora(
             history=history,
         )
     accelerator.wait_for_everyone()
+    accelerator.end_training()
     accelerator.free_memory()
     return out_dir
 
