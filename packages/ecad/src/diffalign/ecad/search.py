@@ -434,8 +434,9 @@ def run_search(
     checkpointed (a controlled stand-in for a kill).
     """
     from diffalign.core.launch import check_process_count
+    from diffalign.core.monitor import StepLogger
     from diffalign.core.rundir import recipe_fingerprint
-    from diffalign.core.training import CheckpointManager, progress
+    from diffalign.core.training import CheckpointManager
 
     run_dir = Path(cfg.run_dir)
     if accelerator is not None:
@@ -553,8 +554,9 @@ def run_search(
 
         save_config(cfg, run_dir)
         cost_model.save(run_dir / "cost_model.json")
+    # a bar on a terminal, a line per generation otherwise (main process only)
     bar = (
-        progress(range(cfg.search.generations), desc="ecad generations")
+        StepLogger(cfg.search.generations, log_every=1, desc="ecad generations", enabled=True)
         if show_progress and is_main
         else None
     )
@@ -606,7 +608,9 @@ def run_search(
         pop.set("G", G)
         algorithm.tell(infills=pop)
         if bar is not None:
-            bar.update(1)
+            bar.step(
+                gen + 1, {"evaluated": len(seen), "best_reward": max(r["reward"] for r in seen.values())}
+            )
         if (
             stop_after_generation is not None
             and gen + 1 >= stop_after_generation
