@@ -525,7 +525,7 @@ def test_make_tracker_starts_a_tracker_without_tensorboard(monkeypatch, tmp_path
     from accelerate import Accelerator
     from accelerate.tracking import GeneralTracker
 
-    from diffalign.core.training import make_tracker
+    from diffalign.core.training import finish_trackers, make_tracker
 
     class FakeTracker(GeneralTracker):
         name = "fake-wandb"
@@ -553,7 +553,7 @@ def test_make_tracker_starts_a_tracker_without_tensorboard(monkeypatch, tmp_path
     accelerator = Accelerator(cpu=True, log_with=[fake])
     log = make_tracker(accelerator, tmp_path, project="t", config={"a": {"b": 1}, "c": [1, 2], "d": "x"})
     log({"loss": 0.5}, 3)
-    accelerator.end_training()
+    finish_trackers(accelerator)
     assert fake.config == {"a.b": 1, "d": "x"}  # flat scalars only
     assert fake.rows == [(3, {"loss": 0.5})] and fake.finished
     # no tracker asked: a no-op logger, nothing started

@@ -26,6 +26,7 @@ __all__ = [
     "NonFiniteError",
     "check_finite",
     "progress",
+    "finish_trackers",
     "make_tracker",
 ]
 
@@ -294,6 +295,13 @@ def progress(
     kwargs.setdefault("disable", _progress_disabled())
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, total=total, desc=desc, **kwargs)
+
+
+def finish_trackers(accelerator: Any) -> None:
+    """Finish the trackers :func:`make_tracker` started, keeping the process group: a later stage of the
+    same process (the next SELMA expert) still needs it, and ``accelerator.end_training()`` destroys it."""
+    for tracker in getattr(accelerator, "trackers", None) or []:
+        tracker.finish()
 
 
 def make_tracker(

@@ -491,7 +491,7 @@ def train(cfg: DiStarConfig, pipe: Any | None = None, reward: Any | None = None)
     from diffalign.core.monitor import StepLogger
     from diffalign.core.rewards import get_reward
     from diffalign.core.rundir import MetricsLog
-    from diffalign.core.training import make_tracker, seed_everything
+    from diffalign.core.training import finish_trackers, make_tracker, seed_everything
 
     prompts = load_prompts(cfg)
     seed_everything(cfg.seed)
@@ -535,5 +535,5 @@ def train(cfg: DiStarConfig, pipe: Any | None = None, reward: Any | None = None)
     out = run_dir / "generator"
     if accelerator.is_main_process:
         export_generator(trainer, out)
-    accelerator.end_training()
+    finish_trackers(accelerator)
     return out

@@ -26,7 +26,7 @@ from diffalign.core.launch import check_process_count, make_accelerator
 from diffalign.core.lora import add_lora, default_targets, make_lora_config, save_lora
 from diffalign.core.monitor import StepLogger
 from diffalign.core.rundir import MetricsLog
-from diffalign.core.training import EMA, check_finite, make_tracker, seed_everything
+from diffalign.core.training import EMA, check_finite, finish_trackers, make_tracker, seed_everything
 
 from .config import MLCMRecipe
 from .distill import (
@@ -385,5 +385,5 @@ def train(cfg: MLCMRecipe, pipe=None, reward=None, max_steps: int | None = None)
     if step >= total and accelerator.is_main_process:
         distiller.model = accelerator.unwrap_model(distiller.student)
         export_student(distiller, student_dir, cfg.model.source)
-    accelerator.end_training()
+    finish_trackers(accelerator)
     return TrainResult(run_dir, student_dir, step, history, time.time() - t_start)

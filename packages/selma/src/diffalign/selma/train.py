@@ -111,7 +111,7 @@ def train_lora(
     from diffalign.core.launch import LaunchConfig, check_process_count, make_accelerator
     from diffalign.core.monitor import StepLogger
     from diffalign.core.rundir import MetricsLog
-    from diffalign.core.training import check_finite, make_tracker
+    from diffalign.core.training import check_finite, finish_trackers, make_tracker
 
     out_dir = Path(out_dir)
     steps = steps or tcfg.steps
@@ -263,7 +263,7 @@ def train_lora(
             history=history,
         )
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    finish_trackers(accelerator)
     accelerator.free_memory()
     return out_dir
 
