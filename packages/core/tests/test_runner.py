@@ -3,7 +3,7 @@ import sys
 from typing import Any, Literal
 
 import pytest
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from diffalign.core.config import Config, ConfigError
 from diffalign.core.launch import LaunchConfig
@@ -87,6 +87,29 @@ def test_typed_overrides_follow_the_field_type(recipe_file):
     assert cfg.flag is False and cfg.tag == "123" and cfg.note is None
     assert cfg.steps == 7 and cfg.lr == 1e-4 and cfg.betas == [0.5, 0.6]
     assert cfg.reward.kwargs == {"scale": 2, "on": True}
+
+
+def test_recipe_file_values_follow_the_field_type_like_overrides(tmp_path):
+    """YAML 1.1 reads no/yes/on/off as booleans; a recipe file keeps them as text where a string is asked."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        "launch:\n  mixed_precision: no\n"  # the string "no", not False
+        "mode: no\n"  # a Literal of strings
+        "flag: on\n"  # a bool field: YAML 1.1's reading
+        "tag: off\n"  # a str field keeps the text
+        "reward:\n  kwargs:\n    on: yes\n    plain: false\n"  # free-form dict: YAML 1.1 as before
+    )
+    cfg = load_recipe(Recipe, path)
+    assert cfg.launch.mixed_precision == "no" and cfg.mode == "no" and cfg.tag == "off"
+    assert cfg.flag is True
+    assert cfg.reward.kwargs == {"on": True, "plain": False}
+    # the same values as a plain YAML load would see them: the negative control of this test
+    import yaml
+
+    raw = yaml.safe_load(path.read_text())
+    assert raw["launch"]["mixed_precision"] is False and raw["tag"] is False
+    with pytest.raises(ValidationError, match="mixed_precision"):
+        Recipe.model_validate(raw)
 
 
 def test_typed_overrides_leave_bad_values_for_validation(recipe_file):

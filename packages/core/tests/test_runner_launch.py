@@ -515,3 +515,48 @@ def test_readme_scale_out_commands(tmp_path, index):
     assert torch.allclose(got, reference_params(6), atol=PARAM_ATOL, rtol=0), (
         (got - reference_params(6)).abs().max()
     )
+
+
+def test_make_tracker_starts_a_tracker_without_tensorboard(monkeypatch, tmp_path):
+    """A wandb-only (here: a custom, offline) tracker starts and receives the logged values even when
+    tensorboard is not installed."""
+    import sys
+
+    from accelerate import Accelerator
+    from accelerate.tracking import GeneralTracker
+
+    from diffalign.core.training import finish_trackers, make_tracker
+
+    class FakeTracker(GeneralTracker):
+        name = "fake-wandb"
+        requires_logging_directory = False
+
+        def __init__(self):
+            super().__init__()
+            self.config, self.rows, self.finished = None, [], False
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values):
+            self.config = dict(values)
+
+        def log(self, values, step=None, **kwargs):
+            self.rows.append((step, dict(values)))
+
+        def finish(self):
+            self.finished = True
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # `import tensorboard` raises ImportError
+    fake = FakeTracker()
+    accelerator = Accelerator(cpu=True, log_with=[fake])
+    log = make_tracker(accelerator, tmp_path, project="t", config={"a": {"b": 1}, "c": [1, 2], "d": "x"})
+    log({"loss": 0.5}, 3)
+    finish_trackers(accelerator)
+    assert fake.config == {"a.b": 1, "d": "x"}  # flat scalars only
+    assert fake.rows == [(3, {"loss": 0.5})] and fake.finished
+    # no tracker asked: a no-op logger, nothing started
+    plain = Accelerator(cpu=True)
+    make_tracker(plain, tmp_path)({"loss": 1.0}, 1)
+    assert plain.trackers == []

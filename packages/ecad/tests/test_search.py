@@ -87,3 +87,11 @@ def test_calibration_set_is_prompts_times_seeds(tmp_path):
         calibration_set(CalibrationSection(prompt_file=str(tmp_path / "empty.txt")))
     p, _ = calibration_set(CalibrationSection(num_prompts=8, num_seeds=1))
     assert len(p) == 8 and len(set(p)) > 1
+
+
+def test_progress_is_a_line_per_generation_without_a_terminal(tmp_path, pixart_pipe, capsys, monkeypatch):
+    monkeypatch.setenv("DIFFALIGN_NO_PROGRESS", "1")  # stderr is not a terminal: no bar
+    run_search(tiny_recipe(tmp_path / "run", generations=2), pipe=pixart_pipe, reward=make_reward())
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ecad generations")]
+    assert [line.split()[3] for line in lines] == ["1/2", "2/2"]
+    assert all("evaluated=" in line and "best_reward=" in line for line in lines)

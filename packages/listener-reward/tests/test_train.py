@@ -116,3 +116,40 @@ def test_naive_grpo_has_no_listener_term(tiny_dirs, pairs, tmp_path):
     assert args.reward_weights == [1.0, 0.5]
     assert args.num_generations == 4 and args.beta == pytest.approx(0.04)
     assert args.max_completion_length == 6
+
+
+def test_trackers_and_cpu_come_from_the_recipe(monkeypatch, tmp_path):
+    """report_to follows launch.log_with (installed trackers only, core's resolve_trackers); the trainer
+    runs on the CPU when the recipe says so or there is no GPU."""
+    import importlib.util
+
+    from diffalign.core.config import load_config
+    from diffalign.listener_reward.config import RECIPE_CONFIG
+    from diffalign.listener_reward.train import _report_to, _use_cpu, build_trl_config
+
+    real_find_spec = importlib.util.find_spec
+    installed = {"wandb"}
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: (
+            object()
+            if name in installed
+            else (None if name in ("tensorboard", "tensorboardX") else real_find_spec(name, *a))
+        ),
+    )
+    cfg = load_config(RECIPE_CONFIG, None, [f"grpo.output_dir={tmp_path}", "launch.log_with=wandb"])
+    assert _report_to(cfg, tmp_path) == ["wandb"]
+    plain = load_config(RECIPE_CONFIG, None, [f"grpo.output_dir={tmp_path}"])
+    assert _report_to(plain, tmp_path) == "none"
+    with pytest.warns(UserWarning, match="tensorboard is not installed"):
+        asked = load_config(RECIPE_CONFIG, None, ["launch.log_with=tensorboard"])
+        assert _report_to(asked, tmp_path) == "none"
+    assert _use_cpu(cfg)  # device: cpu
+    gpu = load_config(RECIPE_CONFIG, None, ["device=cuda"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _use_cpu(gpu)  # no GPU here: the CPU, not a failed CUDA start
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not _use_cpu(gpu)
+    monkeypatch.setattr("diffalign.listener_reward.train._report_to", lambda c, d: ["wandb"])
+    assert build_trl_config(plain, [1.0]).report_to == ["wandb"]

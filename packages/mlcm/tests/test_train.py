@@ -68,9 +68,11 @@ def test_full_finetune_with_ema_target(tmp_path):
     for n, p in fresh.unet.named_parameters():
         torch.testing.assert_close(p, dict(pipe.unet.named_parameters())[n])
     # the target network is core's EMA at the fixed decay 0.5: after one step, the midpoint
-    from diffalign.core.training import CheckpointManager
+    from diffalign.core.checkpoints import StateCheckpoints
 
-    target = CheckpointManager(result.run_dir).load_latest()["target"]
+    ckpt = StateCheckpoints(None, result.run_dir)
+    # accelerate saves the registered EMA target as its first custom checkpoint object
+    target = torch.load(ckpt.path_for(ckpt.latest_step()) / "custom_checkpoint_0.pkl", weights_only=True)
     after = dict(pipe.unet.named_parameters())
     for n in changed:
         torch.testing.assert_close(target[n], 0.5 * (before[n] + after[n].detach()))
@@ -152,16 +154,17 @@ def test_config_errors_are_clear(tmp_path):
 
 def test_metrics_log_has_each_step_once_after_kill_and_resume(tmp_path):
     import json
+    import shutil
 
-    from diffalign.core.training import CheckpointManager
+    from diffalign.core.checkpoints import StateCheckpoints
 
     sections = {"stage1": {"iterations": 3}, "stage2": {"iterations": 1}}
     ref = train(tiny_recipe(tmp_path / "ref", **sections), pipe=_v_pipe())
     cfg = tiny_recipe(tmp_path / "run", **sections)
     train(cfg, pipe=_v_pipe(), max_steps=3)
     # killed after step 3 was logged but before its checkpoint landed: resume starts from step 2
-    ckpt = CheckpointManager(cfg.run_dir)
-    ckpt.path_for(3).unlink()
+    ckpt = StateCheckpoints(None, cfg.run_dir)
+    shutil.rmtree(ckpt.path_for(3))
     assert ckpt.latest_step() == 2
     train(cfg, pipe=_v_pipe())
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -10,11 +10,21 @@ import yaml
 
 @pytest.mark.slow
 def test_two_process_accelerate_images_match_one_process(tmp_path):
+    """The recipe's launch section runs the images stage on 2 CPU processes (gloo): each process renders its
+    own share, the images are written once, and they equal a 1-process run's bit for bit.
+
+    (A hand-typed ``accelerate launch --cpu --num_processes 2`` runs ONE process: accelerate's ``--cpu``
+    always takes its single-process launcher. The runner launches ``--multi_gpu``, which on a machine
+    without GPUs starts the processes and core's ``make_accelerator``/``process_state`` join them on gloo.)
+    """
+    import json
+
     from diffalign.core.testing import tiny_sd_pipeline
 
     model = tmp_path / "tiny-sd"
     tiny_sd_pipeline().save_pretrained(model)
     outs = {}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DIFFALIGN_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
     for n in (1, 2):
         run = tmp_path / f"run{n}"
         recipe = tmp_path / f"r{n}.yaml"
@@ -26,34 +36,26 @@ def test_two_process_accelerate_images_match_one_process(tmp_path):
                     "skills": [{"name": "count"}, {"name": "color"}],
                     "prompts": {"n_per_skill": 5},
                     "images": {"num_inference_steps": 2, "batch_size": 2},
+                    "launch": {"launcher": "accelerate" if n > 1 else "none", "num_processes": n},
                 }
             )
         )
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "DIFFALIGN_NO_PROGRESS": "1"}
-        subprocess.run(
-            [sys.executable, "-m", "diffalign.selma.cli", "prompts", str(recipe)], check=True, env=env
-        )
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--cpu",
-            "--num_processes",
-            str(n),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "-m",
-            "diffalign.selma.cli",
-            "images",
-            str(recipe),
-        ]
-        subprocess.run(cmd, check=True, env=env, timeout=900)
+        for stage in ("prompts", "images"):
+            done = subprocess.run(
+                [sys.executable, "-m", "diffalign.selma.cli", stage, str(recipe)],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
+            assert done.returncode == 0, done.stderr[-3000:]
         outs[n] = run / "images"
-    assert len(list((outs[2] / "shards").iterdir())) == 2
+    shards = sorted((outs[2] / "shards").iterdir())
+    assert len(shards) == 2
+    seen = [{json.loads(line)["file_name"] for line in p.read_text().splitlines()} for p in shards]
+    assert seen[0] and seen[1] and not seen[0] & seen[1]  # the ranks rendered different images
+    rows = (outs[2] / "metadata.jsonl").read_text().splitlines()
+    assert len(rows) == len(set(rows)) == 10  # each image written once
     assert (outs[1] / "metadata.jsonl").read_text() == (outs[2] / "metadata.jsonl").read_text()
     for f in sorted((outs[1] / "images").iterdir()):
         assert f.read_bytes() == (outs[2] / "images" / f.name).read_bytes()

@@ -177,7 +177,7 @@ def test_train_only_lora_trains_saves_and_resumes_exactly(sd_images, tmp_path):
     (part / "pytorch_lora_weights.safetensors").unlink()  # simulate the kill before export
     (part / "selma_adapter.json").unlink()
     ckpts = sorted(p.name for p in (part / "checkpoints").iterdir())
-    assert ckpts == ["step_00000002.pt"]
+    assert ckpts == ["state_00000002"]
     # the checkpoint was made for a 2-step run; restarting with 4 steps is refused clearly
     with pytest.raises(ValueError, match="use another run directory"):
         train_lora(tiny_sd_pipeline(), recs, part, _tcfg(steps=4), seed=0, log=lambda *_: None)
@@ -275,3 +275,31 @@ def test_architecture_coverage_train_step_and_sampling(factory, sd_images, tmp_p
     ).images
     assert img.shape == base.shape == (1, 3, 16, 16)
     assert (img - base).abs().max() > 1e-5  # the loaded expert (default init: B = 0 then one step) acts
+
+
+def test_metrics_have_each_step_once_after_a_kill_and_resume(sd_images, tmp_path, monkeypatch):
+    """Step 3 is logged, the run dies in step 4 before its checkpoint, the resume from step 2 logs 3 again:
+    core's MetricsLog cuts the file back to the checkpoint first."""
+    from diffalign.core.testing import tiny_sd_pipeline
+    from diffalign.selma import train as T
+
+    recs = I.read_imagefolder(sd_images)
+    calls = {"n": 0}
+    real = T.denoise
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # die during step 4: step 3 is logged, the last checkpoint is step 2
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    tcfg = _tcfg(steps=4, checkpoint_every=2, log_every=1)
+    monkeypatch.setattr(T, "denoise", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(tiny_sd_pipeline(), recs, tmp_path / "run", tcfg, seed=0, log=lambda *_: None)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    monkeypatch.setattr(T, "denoise", real)
+    train_lora(tiny_sd_pipeline(), recs, tmp_path / "run", tcfg, seed=0, log=lambda *_: None)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]

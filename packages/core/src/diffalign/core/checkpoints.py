@@ -181,8 +181,9 @@ class StateCheckpoints:
             )
         return manifest
 
-    def load(self, step: int) -> dict[str, Any]:
-        """Verify and load the state of ``step`` into the prepared objects (collective); returns ``extra``."""
+    def extra(self, step: int) -> dict[str, Any]:
+        """The ``extra`` dict saved at ``step``, verified but without loading the training state (a trainer
+        checks with it that the checkpoint fits the model before :meth:`load` would fail on shapes)."""
         self.verify(step)
         path = self.path_for(step)
         try:
@@ -191,8 +192,13 @@ class StateCheckpoints:
             raise CheckpointError(
                 f"{path / EXTRA_FILE} is unreadable ({type(err).__name__}: {err})"
             ) from None
-        self.accelerator.load_state(str(path))
         return payload["extra"]
+
+    def load(self, step: int) -> dict[str, Any]:
+        """Verify and load the state of ``step`` into the prepared objects (collective); returns ``extra``."""
+        extra = self.extra(step)
+        self.accelerator.load_state(str(self.path_for(step)))
+        return extra
 
     def load_latest(self) -> tuple[int, dict[str, Any]] | None:
         """``(step, extra)`` of the newest checkpoint after loading it, or ``None`` when there is none."""

@@ -55,6 +55,68 @@ class ConfigError(ValueError):
     """A config could not be read or validated. The message is meant for the user, verbatim."""
 
 
+class _Yaml11Bool(str):
+    """A YAML 1.1 boolean spelled ``yes``/``no``/``on``/``off``: text or bool, decided by the field's type."""
+
+    value: bool
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that ``yes``/``no``/``on``/``off`` stay undecided (:class:`_Yaml11Bool`)."""
+
+
+def _construct_bool(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+    text = loader.construct_scalar(node)
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    marker = _Yaml11Bool(text)
+    marker.value = text.lower() in ("yes", "on", "y")
+    return marker
+
+
+_RecipeLoader.add_constructor("tag:yaml.org,2002:bool", _construct_bool)
+
+
+def _accepts(annotation: Any, value: Any, *, strict: bool) -> bool:
+    """Whether pydantic validates ``value`` as ``annotation`` (``strict``: without type coercion)."""
+    from pydantic import TypeAdapter
+
+    try:
+        TypeAdapter(annotation).validate_python(value, strict=strict)
+    except Exception:  # a validation error, or an annotation pydantic cannot build an adapter for
+        return False
+    return True
+
+
+def _decide_yaml11_bools(annotation: Any, node: Any) -> Any:
+    """Replace each :class:`_Yaml11Bool` in ``node`` by its text where the field takes that string and
+    not a bool (``mixed_precision: no`` on a string field), else by the boolean (YAML 1.1's reading)."""
+    if isinstance(node, _Yaml11Bool):
+        if (
+            annotation is not Any
+            and _accepts(annotation, str(node), strict=True)
+            and not _accepts(annotation, node.value, strict=True)
+        ):
+            return str(node)
+        return node.value
+    model = _unwrap_model(annotation)
+    if isinstance(node, dict):
+        fields = getattr(model, "model_fields", None) or {}
+        args = typing.get_args(annotation)
+        value_type = args[1] if typing.get_origin(annotation) in (dict, Mapping) and len(args) == 2 else Any
+        return {  # a key spelled on/off/yes/no stays text
+            (str(key) if isinstance(key, _Yaml11Bool) else key): _decide_yaml11_bools(
+                fields[key].annotation if key in fields else value_type, value
+            )
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        args = typing.get_args(annotation)
+        item_type = args[0] if typing.get_origin(annotation) in (list, tuple, set) and args else Any
+        return [_decide_yaml11_bools(item_type, item) for item in node]
+    return node
+
+
 def _read_file(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
@@ -64,7 +126,7 @@ def _read_file(path: Path) -> dict[str, Any]:
     text = path.read_text(encoding="utf-8")
     try:
         if suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
         elif suffix == ".toml":
             data = tomllib.loads(text)
         elif suffix == ".json":
@@ -184,7 +246,7 @@ def load_config(
     source = "overrides"
     if path is not None:
         path = Path(path)
-        data.update(_read_file(path))
+        data.update(_decide_yaml11_bools(cls, _read_file(path)))
         source = str(path)
     data = apply_overrides(data, list(overrides))
     try:

@@ -52,6 +52,7 @@ __all__ = [
     "launched_world_size",
     "make_accelerator",
     "process_rank",
+    "process_state",
     "resolve_trackers",
     "started_by_launcher",
     "resolve_deepspeed_config",
@@ -487,6 +488,19 @@ def make_accelerator(
         kwargs["kwargs_handlers"] = handlers
     kwargs.update(accelerator_kwargs)
     return Accelerator(**kwargs)
+
+
+def process_state():
+    """accelerate's ``PartialState`` for a stage without an accelerator (image generation, evaluation).
+
+    As in :func:`make_accelerator`, a process started with ``WORLD_SIZE > 1`` and no GPU joins the others on
+    the CPU (gloo) backend; a bare ``PartialState()`` would run it as an independent single process.
+    """
+    from accelerate import PartialState
+
+    if (launched_world_size() or 1) > 1 and not _has_gpu():
+        return PartialState(cpu=True)
+    return PartialState()
 
 
 def resolve_trackers(log_with: str | Sequence[str] | None, run_dir: Any = None) -> list[str]:

@@ -35,16 +35,23 @@ import os
 import sys
 import tempfile
 import traceback
-import typing
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
 import yaml
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel
 
-from .config import ConfigError, load_config
+from .config import (
+    Component,
+    ConfigError,
+    _accepts,
+    _unwrap_model,
+    check_components,
+    load_config,
+    resolve_recipe,
+)
 from .launch import ProcessCountError, build_command, launched_world_size, process_rank, started_by_launcher
 from .models import ModelNotFoundError, resolve_model_path
 from .rundir import ResumeMode, RunDirError, prepare_run_dir
@@ -57,6 +64,7 @@ __all__ = [
     "EXIT_RUNTIME",
     "BadInputError",
     "ResumeOption",
+    "check_components_or_raise",
     "check_file",
     "check_model",
     "check_reward",
@@ -128,30 +136,10 @@ def _field_annotation(cls: type[BaseModel], parts: Sequence[str]) -> Any:
         annotation = fields[part].annotation
         if index == len(parts) - 1:
             return annotation
-        current = _model_in(annotation)
+        current = _unwrap_model(annotation)
         if current is None:
             return Any
     return Any
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def _accepts(annotation: Any, value: Any, *, strict: bool) -> bool:
-    try:
-        TypeAdapter(annotation).validate_python(value, strict=strict)
-    except (ValidationError, TypeError, ValueError):
-        return False
-    except Exception:  # an annotation pydantic cannot build an adapter for
-        return False
-    return True
 
 
 def typed_overrides(cls: type[BaseModel], overrides: Iterable[str]) -> list[str]:
@@ -184,8 +172,22 @@ def typed_overrides(cls: type[BaseModel], overrides: Iterable[str]) -> list[str]
     return out
 
 
-def load_recipe(cls: type[T], path: str | os.PathLike | None, overrides: Iterable[str] = ()) -> T:
-    """:func:`~diffalign.core.config.load_config` with :func:`typed_overrides`; raises ``ConfigError``."""
+def load_recipe(
+    cls: type[T], path: str | os.PathLike | None, overrides: Iterable[str] = (), *, method: str | None = None
+) -> T:
+    """:func:`~diffalign.core.config.load_config` with :func:`typed_overrides`; raises ``ConfigError``.
+
+    With ``method``, ``path`` may also name one of that method's built-in recipes (``shapes_unet``).
+    """
+    text = str(path) if path is not None else ""
+    if (
+        path is not None
+        and method is not None
+        and not Path(path).exists()
+        and "/" not in text
+        and os.sep not in text
+    ):
+        path = resolve_recipe(method, path)
     if path is not None and Path(path).is_dir():
         raise ConfigError(f"recipe path is a directory, expected a .yaml/.yml/.toml/.json file: {path}")
     if path is not None and not Path(path).is_file():
@@ -215,6 +217,14 @@ def check_model(source: str | os.PathLike | None, what: str = "model") -> None:
         resolve_model_path(source)
     except ModelNotFoundError as err:
         raise BadInputError(f"{what}: {err}") from None
+
+
+def check_components_or_raise(components: Iterable[Component]) -> None:
+    """Raise :class:`BadInputError` listing every problem :func:`~diffalign.core.config.check_components`
+    finds with the named models and rewards (unknown reward, missing reward argument, missing folder)."""
+    problems = check_components(components, files=True)
+    if problems:
+        raise BadInputError("; ".join(problems))
 
 
 def check_reward(name: str | None, kwargs: dict[str, Any] | None = None) -> None:
@@ -317,6 +327,12 @@ def _relaunch(launch_cfg: Any, env: dict[str, str] | None = None) -> int:
     return EXIT_RUNTIME
 
 
+def _dotted(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part, None)
+    return cfg
+
+
 def run_recipe(
     recipe_cls: type[T],
     recipe: str | os.PathLike | None,
@@ -325,6 +341,9 @@ def run_recipe(
     method: str,
     train: Callable[[T], Any],
     check: Callable[[T], None] | None = None,
+    components: Callable[[T], Iterable[Component]] | None = None,
+    run_dir: str | os.PathLike | None = None,
+    run_name: str | None = None,
     resume: ResumeMode = "auto",
     allow_changed: Iterable[str] | None = (),
     fingerprint_ignore: Iterable[str] = ("run_dir",),
@@ -336,15 +355,25 @@ def run_recipe(
 ) -> int:
     """Run ``train(cfg)`` for a recipe file and overrides; returns the process exit code.
 
-    ``method`` names the run in its run directory. ``fingerprint_ignore`` lists recipe keys that may
+    ``method`` names the method (its built-in recipes) and, unless ``run_name`` is given (a method
+    with several kinds of run, such as SFT and GRPO), the run in its run directory. ``fingerprint_ignore`` lists recipe keys that may
     differ on resume (``launch`` is a good candidate when a method's result does not depend on the
     process layout); ``allow_changed`` is the user's explicit permission for others. ``input_errors``
     and ``runtime_errors`` add method-specific exception types to the two exit codes.
     ``on_success(result)`` runs on the main process after training (print where the output went).
+    ``recipe`` is a file or the name of one of ``method``'s built-in recipes; ``run_dir`` (the
+    ``--run-dir`` option) overrides the recipe's ``run_dir_field``. ``components(cfg)`` lists the models
+    and rewards the recipe names (:class:`~diffalign.core.config.Component`); they are checked with
+    :func:`check_components_or_raise` before ``check(cfg)``.
     """
     bad_input = INPUT_ERRORS + input_errors
+    overrides = list(overrides or ())
+    if run_dir is not None and run_dir_field:
+        overrides.append(f"{run_dir_field}={run_dir}")
     try:
-        cfg = load_recipe(recipe_cls, recipe, overrides)
+        cfg = load_recipe(recipe_cls, recipe, overrides, method=method)
+        if components is not None:
+            check_components_or_raise(components(cfg))
         if check is not None:
             check(cfg)
         launch_cfg = getattr(cfg, launch_field, None) if launch_field else None
@@ -363,11 +392,11 @@ def run_recipe(
                 f"--set launch.num_processes={world or 1}"
                 + (" --set launch.launcher=accelerate" if (world or 1) > 1 and expected == 1 else "")
             )
-        run_dir = getattr(cfg, run_dir_field, None) if run_dir_field else None
-        if run_dir is not None and process_rank() == 0:
+        target_dir = _dotted(cfg, run_dir_field) if run_dir_field else None
+        if target_dir is not None and process_rank() == 0:
             prepare_run_dir(
-                run_dir,
-                method,
+                target_dir,
+                run_name or method,
                 cfg,
                 resume=resume,
                 allow_changed=allow_changed or (),

@@ -26,6 +26,7 @@ __all__ = [
     "NonFiniteError",
     "check_finite",
     "progress",
+    "finish_trackers",
     "make_tracker",
 ]
 
@@ -296,21 +297,29 @@ def progress(
     return tqdm(iterable, total=total, desc=desc, **kwargs)
 
 
+def finish_trackers(accelerator: Any) -> None:
+    """Finish the trackers :func:`make_tracker` started, keeping the process group: a later stage of the
+    same process (the next SELMA expert) still needs it, and ``accelerator.end_training()`` destroys it."""
+    for tracker in getattr(accelerator, "trackers", None) or []:
+        tracker.finish()
+
+
 def make_tracker(
     accelerator: Any, run_dir: str | Path, project: str = "diffalign", config: dict | None = None
 ):
-    """Initialise accelerate trackers (tensorboard when installed) logging under ``run_dir``.
+    """Start the accelerator's trackers (those of ``make_accelerator(log_with=...)``) logging under ``run_dir``.
 
-    Returns a ``log(values, step)`` callable that is a no-op when no tracker is available.
+    Returns a ``log(values, step)`` callable; it is a no-op when the accelerator has no tracker.
+    ``make_accelerator`` already dropped the trackers that are not installed, so every remaining one
+    (tensorboard, wandb, a custom ``GeneralTracker``) is started here.
     """
-    try:
-        import tensorboard  # noqa: F401
+    if getattr(accelerator, "log_with", None):
+        from .rundir import flatten_recipe
 
-        available = True
-    except ImportError:
-        available = False
-    if available and getattr(accelerator, "log_with", None):
-        accelerator.init_trackers(project, config=config or {})
+        # trackers take flat scalar hyperparameters (tensorboard's hparams reject lists and sections)
+        flat = flatten_recipe(config or {})
+        hparams = {k: v for k, v in flat.items() if isinstance(v, (bool, int, float, str))}
+        accelerator.init_trackers(project, config=hparams)
 
         def log(values: dict[str, float], step: int) -> None:
             accelerator.log(values, step=step)

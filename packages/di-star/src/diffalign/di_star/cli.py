@@ -8,12 +8,12 @@ import typer
 
 from diffalign.core.cli import (
     RunDirOption,
-    load_recipe_or_exit,
     method_app,
     recipe_argument,
     set_option,
 )
 from diffalign.core.config import Component
+from diffalign.core.runner import AllowChangedOption, ResumeOption, check_file, run_recipe
 
 app = method_app(
     "di-star",
@@ -37,23 +37,55 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code=code)
 
 
+# keys that never change what a run computes, and the step budget, which may grow on resume
+FINGERPRINT_IGNORE = (
+    "run_dir",
+    "training.max_steps",
+    "training.log_every",
+    "training.keep_last",
+    "launch.log_with",
+)
+
+
+def check_recipe(cfg) -> None:
+    """Files the recipe names exist and are non-empty (models and rewards: ``recipe_components``)."""
+    if cfg.data.prompts != "shapes":
+        check_file(cfg.data.prompts, "data.prompts")
+
+
 @app.command()
 def train(
     recipe: str = recipe_argument("di-star"),
     overrides: list[str] = set_option("loss.alpha_rew=10 --set training.max_steps=100"),
     run_dir: Path = RunDirOption,
+    resume: str = ResumeOption,
+    allow_changed: list[str] = AllowChangedOption,
 ) -> None:
     """Train (or resume) a one-step generator from a recipe; exports RUN_DIR/generator."""
     from .config import DiStarConfig
 
-    cfg = load_recipe_or_exit("di-star", DiStarConfig, recipe, overrides, run_dir, recipe_components)
-    from .train import train as run_training
+    def run_training(cfg):
+        from .train import train as train_generator
 
-    try:
-        out = run_training(cfg)
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        _fail(str(err).strip("'\""))
-    typer.echo(f"generator saved to {out}")
+        return train_generator(cfg)
+
+    raise typer.Exit(
+        run_recipe(
+            DiStarConfig,
+            recipe,
+            overrides or [],
+            method="di-star",
+            train=run_training,
+            check=check_recipe,
+            components=recipe_components,
+            run_dir=run_dir,
+            resume=resume,
+            allow_changed=allow_changed or [],
+            fingerprint_ignore=FINGERPRINT_IGNORE,
+            runtime_errors=(ValueError,),
+            on_success=lambda out: typer.echo(f"generator saved to {out}"),
+        )
+    )
 
 
 @app.command()

@@ -15,7 +15,6 @@ ends exactly where an uninterrupted one would.
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -227,14 +226,18 @@ class DiStarTrainer:
         seed = (
             self.cfg.seed * 1_000_003 + step * 101 + round_index * 7 + (0 if phase == "fake" else 1)
         ) % 2**63
-        if self.accelerator is not None:
-            seed = (seed + 7919 * self.accelerator.process_index) % 2**63
         gen = torch.Generator().manual_seed(seed)
+        # every rank draws the global batch (processes x data.batch_size) and keeps its own slice, so N
+        # processes train on the rows one process with N times the batch would
         b = self.cfg.data.batch_size
-        idx = torch.randint(len(self.prompts), (b,), generator=gen).tolist()
-        noise = torch.randn(b, *self.latent_shape, generator=gen)
-        timesteps = self.schedule.sample_timesteps(b, *t_range, generator=gen)
-        eps = torch.randn(b, *self.latent_shape, generator=gen)
+        rank, world = (
+            (self.accelerator.process_index, self.accelerator.num_processes) if self.accelerator else (0, 1)
+        )
+        total, mine = b * world, slice(rank * b, (rank + 1) * b)
+        idx = torch.randint(len(self.prompts), (total,), generator=gen)[mine].tolist()
+        noise = torch.randn(total, *self.latent_shape, generator=gen)[mine]
+        timesteps = self.schedule.sample_timesteps(total, *t_range, generator=gen)[mine]
+        eps = torch.randn(total, *self.latent_shape, generator=gen)[mine]
         return StepRandomness(
             [self.prompts[i] for i in idx],
             noise.to(self.device),
@@ -381,44 +384,6 @@ class DiStarTrainer:
         logs.update(self.generator_step(step))
         return logs
 
-    # ------------------------------------------------------------------------------------------ state
-    @staticmethod
-    def _trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
-
-    @staticmethod
-    def _load_trainable(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-        expected = {n for n, p in module.named_parameters() if p.requires_grad}
-        if set(state) != expected:
-            missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
-            raise ValueError(
-                f"checkpoint {what} does not match this recipe's trainable parameters "
-                f"(missing e.g. {missing}, unexpected e.g. {extra}); was it written with another lora setting?"
-            )
-        module.load_state_dict(state, strict=False)
-
-    def state_dict(self, step: int) -> dict[str, Any]:
-        from diffalign.core.training import capture_rng_state
-
-        return {
-            "step": step,
-            "generator": self._trainable_state(self._unwrap(self.generator)),
-            "fake": self._trainable_state(self._unwrap(self.fake)),
-            "opt_generator": self.opt_generator.state_dict(),
-            "opt_fake": self.opt_fake.state_dict(),
-            "rng": capture_rng_state(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> int:
-        from diffalign.core.training import restore_rng_state
-
-        self._load_trainable(self._unwrap(self.generator), state["generator"], "generator")
-        self._load_trainable(self._unwrap(self.fake), state["fake"], "fake score")
-        self.opt_generator.load_state_dict(state["opt_generator"])
-        self.opt_fake.load_state_dict(state["opt_fake"])
-        restore_rng_state(state["rng"])
-        return int(state["step"])
-
     def merged_generator(self) -> torch.nn.Module:
         """A plain UNet with the trained weights (LoRA fused and removed)."""
         unet = copy.deepcopy(self._unwrap(self.generator)).eval()
@@ -520,10 +485,13 @@ def _load_models(cfg: DiStarConfig, device) -> tuple[Any, torch.nn.Module | None
 
 def train(cfg: DiStarConfig, pipe: Any | None = None, reward: Any | None = None) -> Path:
     """Run (or resume) a DI* recipe; returns the exported generator pipeline folder."""
+    from diffalign.core.checkpoints import StateCheckpoints
     from diffalign.core.config import save_config
-    from diffalign.core.launch import make_accelerator
+    from diffalign.core.launch import check_process_count, make_accelerator
+    from diffalign.core.monitor import StepLogger
     from diffalign.core.rewards import get_reward
-    from diffalign.core.training import CheckpointManager, make_tracker, progress, seed_everything
+    from diffalign.core.rundir import MetricsLog
+    from diffalign.core.training import finish_trackers, make_tracker, seed_everything
 
     prompts = load_prompts(cfg)
     seed_everything(cfg.seed)
@@ -531,6 +499,7 @@ def train(cfg: DiStarConfig, pipe: Any | None = None, reward: Any | None = None)
         reward = get_reward(cfg.reward.name, **cfg.reward.kwargs)
     run_dir = Path(cfg.run_dir)
     accelerator = make_accelerator(cfg.launch, run_dir=run_dir)
+    check_process_count(accelerator, cfg.launch)
     gen_init = fake_init = None
     if pipe is None:
         pipe, gen_init, fake_init = _load_models(cfg, accelerator.device)
@@ -540,39 +509,31 @@ def train(cfg: DiStarConfig, pipe: Any | None = None, reward: Any | None = None)
 
     if accelerator.is_main_process:
         save_config(cfg, run_dir)
-    ckpt = CheckpointManager(run_dir, keep_last=cfg.training.keep_last)
+    # accelerate's save_state/load_state: both networks, both optimizers (every ZeRO partition) and
+    # the RNG states of every rank, atomically and verified
+    ckpt = StateCheckpoints(accelerator, run_dir, keep_last=cfg.training.keep_last)
     start = 0
     state = ckpt.load_latest()
     if state is not None:
-        start = trainer.load_state_dict(state)
-    log = make_tracker(accelerator, run_dir, project="di-star")
-    metrics_path = run_dir / "metrics.jsonl"
-    if accelerator.is_main_process and metrics_path.exists():  # drop lines logged after the checkpoint
-        kept = [
-            ln
-            for ln in metrics_path.read_text(encoding="utf-8").splitlines()
-            if json.loads(ln)["step"] <= start
-        ]
-        metrics_path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
-    bar = progress(total=cfg.training.max_steps, initial=start, desc="di-star")
+        start = state[0]
+    log = make_tracker(accelerator, run_dir, project="di-star", config=cfg.model_dump(mode="json"))
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
+    metrics.truncate(start)  # rows logged after the checkpoint would be logged again
+    bar = StepLogger(cfg.training.max_steps, log_every=cfg.training.log_every, desc="di-star", initial=start)
     for step in range(start, cfg.training.max_steps):
         logs = trainer.train_step(step)
         done = step + 1
-        bar.update(1)
+        shown = {k: v for k, v in logs.items() if k.startswith(("loss_gen", "reward"))}
+        bar.step(done, shown)
         if done % cfg.training.log_every == 0 or done == cfg.training.max_steps:
-            bar.set_postfix({k: round(v, 4) for k, v in logs.items() if k.startswith(("loss_gen", "reward"))})
             log(logs, step=done)
-            if accelerator.is_main_process:
-                with open(metrics_path, "a", encoding="utf-8") as handle:
-                    handle.write(json.dumps({"step": done, **logs}) + "\n")
+            metrics.append(done, logs)
         if done % cfg.training.checkpoint_every == 0 or done == cfg.training.max_steps:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                ckpt.save(done, trainer.state_dict(done))
+            ckpt.save(done)
     bar.close()
     accelerator.wait_for_everyone()
     out = run_dir / "generator"
     if accelerator.is_main_process:
         export_generator(trainer, out)
-    accelerator.end_training()
+    finish_trackers(accelerator)
     return out

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import typer
 
 from diffalign.core.cli import (
-    load_recipe_or_exit,
     method_app,
     recipe_argument,
     set_option,
 )
 from diffalign.core.config import Component
+from diffalign.core.runner import AllowChangedOption, ResumeOption, run_recipe
 
 app = method_app(
     "ecad",
@@ -31,39 +30,49 @@ def recipe_components(cfg) -> list[Component]:
     ]
 
 
-_WORKER_ENV = "DIFFALIGN_ECAD_WORKER"
-
-
 @app.command()
 def search(
     recipe: str = recipe_argument("ecad"),
     overrides: list[str] = set_option("search.generations=5"),
     run_dir: str = typer.Option(None, "--run-dir", help="Run directory (overrides the recipe's run_dir)"),
+    resume: str = ResumeOption,
+    allow_changed: list[str] = AllowChangedOption,
 ) -> None:
     """Run (or resume) an NSGA-II schedule search; writes front.json, front.png and chosen/ schedules."""
-    from .config import EcadRecipe
+    from .config import FINGERPRINT_IGNORE, EcadRecipe
 
-    overrides = list(overrides or [])
-    if run_dir is not None:
-        overrides.append(f"run_dir={run_dir}")
-    cfg = load_recipe_or_exit("ecad", EcadRecipe, recipe, overrides, None, recipe_components)
-    if cfg.launch.launcher != "none" and os.environ.get(_WORKER_ENV) != "1":
-        from diffalign.core.launch import launch
+    def run(cfg):
+        from .search import run_search
 
-        args = ["search", str(recipe), *sum((["--set", o] for o in overrides), [])]
-        raise typer.Exit(launch("diffalign.ecad.cli", args, cfg.launch, env={_WORKER_ENV: "1"}, check=False))
-    from .search import run_search
+        accelerator = None
+        if cfg.launch.launcher != "none":  # a rank of the launch the recipe asked for
+            from diffalign.core.launch import make_accelerator
 
-    accelerator = None
-    if cfg.launch.launcher != "none":
-        from diffalign.core.launch import make_accelerator
+            accelerator = make_accelerator(cfg.launch, cfg.run_dir)
+        return cfg, run_search(cfg, accelerator=accelerator)
 
-        accelerator = make_accelerator(cfg.launch, cfg.run_dir)
-    result = run_search(cfg, accelerator=accelerator)
-    if accelerator is None or accelerator.is_main_process:
+    def done(out) -> None:
+        cfg, result = out
         typer.echo(
             f"{len(result.X)} schedules evaluated; {len(result.front)} on the front -> {cfg.run_dir}/front.json"
         )
+
+    raise typer.Exit(
+        run_recipe(
+            EcadRecipe,
+            recipe,
+            overrides or [],
+            method="ecad",
+            train=run,
+            components=recipe_components,
+            run_dir=run_dir,
+            resume=resume,
+            allow_changed=allow_changed or [],
+            fingerprint_ignore=FINGERPRINT_IGNORE,
+            runtime_errors=(ValueError, RuntimeError),  # ScheduleError is a ValueError
+            on_success=done,
+        )
+    )
 
 
 @app.command()

@@ -129,6 +129,17 @@ class SearchSection(Config):
     )
 
 
+# recipe keys that do not change a search's trajectory: a resumed search may differ in them (the
+# generation budget may grow; the process layout and batch size only spread the same evaluations)
+FINGERPRINT_IGNORE = (
+    "run_dir",
+    "launch",
+    "search.generations",
+    "search.num_threads",
+    "sampling.batch_size",
+)
+
+
 class EcadRecipe(Config):
     run_dir: str = "runs/ecad"
     model: ModelSection = Field(default_factory=ModelSection)

@@ -28,7 +28,6 @@ Candidates of a generation are spread over the processes of an ``accelerate`` la
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import time
@@ -40,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import CalibrationSection, EcadRecipe
+from .config import FINGERPRINT_IGNORE, CalibrationSection, EcadRecipe
 from .cost import CostModel, measure_cost_model, measure_latency_model
 from .genome import ComponentCrossover, GenomeCodec, StructuredMutation
 from .hooks import apply_schedule, remove_schedule
@@ -345,18 +344,6 @@ def builtin_recordings(pipe, evaluator: CandidateEvaluator, names=None, log=prin
     return out
 
 
-def _search_fingerprint(cfg: EcadRecipe, n_var: int) -> str:
-    """Hash of everything that changes the GA trajectory (not the generation count or run dir)."""
-    d = cfg.model_dump(mode="json")
-    d.pop("run_dir", None)
-    d.pop("launch", None)
-    d["search"].pop("generations", None)
-    d["search"].pop("num_threads", None)
-    d["sampling"].pop("batch_size", None)
-    d["n_var"] = n_var
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-
 @dataclass
 class SearchResult:
     X: np.ndarray  # every evaluated genome, in evaluation order
@@ -446,9 +433,14 @@ def run_search(
     ``stop_after_generation`` raises :class:`SearchInterrupted` once that many generations are
     checkpointed (a controlled stand-in for a kill).
     """
-    from diffalign.core.training import CheckpointManager, progress
+    from diffalign.core.launch import check_process_count
+    from diffalign.core.monitor import StepLogger
+    from diffalign.core.rundir import recipe_fingerprint
+    from diffalign.core.training import CheckpointManager
 
     run_dir = Path(cfg.run_dir)
+    if accelerator is not None:
+        check_process_count(accelerator, cfg.launch)
     is_main = accelerator is None or accelerator.is_main_process
     if cfg.search.num_threads is not None:
         torch.set_num_threads(cfg.search.num_threads)
@@ -511,7 +503,8 @@ def run_search(
 
     evaluator = make_evaluator(prompts, seeds)
     n_var = codec.n_var
-    fingerprint = _search_fingerprint(cfg, n_var)
+    # core's recipe fingerprint (the one the CLI records in the run directory) and the genome length
+    fingerprint = f"{recipe_fingerprint(cfg, FINGERPRINT_IGNORE)}-{n_var}"
 
     ckpt = CheckpointManager(run_dir, keep_last=2)
     state = ckpt.load_latest()
@@ -561,8 +554,9 @@ def run_search(
 
         save_config(cfg, run_dir)
         cost_model.save(run_dir / "cost_model.json")
+    # a bar on a terminal, a line per generation otherwise (main process only)
     bar = (
-        progress(range(cfg.search.generations), desc="ecad generations")
+        StepLogger(cfg.search.generations, log_every=1, desc="ecad generations", enabled=True)
         if show_progress and is_main
         else None
     )
@@ -614,7 +608,9 @@ def run_search(
         pop.set("G", G)
         algorithm.tell(infills=pop)
         if bar is not None:
-            bar.update(1)
+            bar.step(
+                gen + 1, {"evaluated": len(seen), "best_reward": max(r["reward"] for r in seen.values())}
+            )
         if (
             stop_after_generation is not None
             and gen + 1 >= stop_after_generation

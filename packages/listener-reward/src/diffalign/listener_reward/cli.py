@@ -14,6 +14,7 @@ from diffalign.core.cli import (
     set_option,
 )
 from diffalign.core.config import Component
+from diffalign.core.runner import AllowChangedOption, ResumeOption, check_file, run_recipe
 
 app = method_app(
     "listener-reward",
@@ -93,6 +94,70 @@ def build_models(
     typer.echo(f"listener: {listener}")
 
 
+# keys a resumed SFT / GRPO run may change: the other stages' sections, the step budget (the trainer
+# resumes and trains on to the new one), logging and saving intervals, trackers
+SFT_IGNORE = (
+    "sft.output_dir",
+    "sft.max_steps",
+    "sft.logging_steps",
+    "sft.save_steps",
+    "grpo",
+    "reward",
+    "judge",
+    "eval",
+    "launch.log_with",
+)
+GRPO_IGNORE = (
+    "grpo.output_dir",
+    "grpo.max_steps",
+    "grpo.logging_steps",
+    "grpo.save_steps",
+    "sft",
+    "judge",
+    "eval",
+    "launch.log_with",
+)
+
+
+def check_recipe(cfg) -> None:
+    """Files the recipe names exist and are non-empty (models: ``recipe_components``)."""
+    check_file(cfg.data.train_path, "data.train_path")
+    for split, path in cfg.data.eval_paths.items():
+        check_file(path, f"data.eval_paths.{split}")
+
+
+def _train_stage(stage, section: str, ignore, recipe, overrides, run_dir, resume, allow_changed) -> None:
+    from diffalign.listener_reward.config import RECIPE_CONFIG
+
+    def run(cfg):
+        from diffalign.core.config import save_config
+        from diffalign.core.launch import is_main_process
+
+        if is_main_process():
+            save_config(cfg, getattr(cfg, section).output_dir)
+        return stage(cfg)
+
+    raise typer.Exit(
+        run_recipe(
+            RECIPE_CONFIG,
+            recipe,
+            overrides or [],
+            method="listener-reward",
+            run_name=f"listener-reward {section}",
+            train=run,
+            check=check_recipe,
+            components=recipe_components,
+            run_dir=run_dir,
+            run_dir_field=f"{section}.output_dir",
+            resume=resume,
+            allow_changed=allow_changed or [],
+            fingerprint_ignore=ignore,
+            runtime_errors=(ValueError,),
+            on_success=lambda out: typer.echo(f"saved {out}"),
+        )
+    )
+
+
 @app.command()
 def sft(
     recipe: str = ConfigArg,
@@ -100,14 +165,13 @@ def sft(
     run_dir: Path = typer.Option(
         None, "--run-dir", help="Output folder of the SFT run (sets sft.output_dir)"
     ),
+    resume: str = ResumeOption,
+    allow_changed: list[str] = AllowChangedOption,
 ) -> None:
-    """SFT warm-up of the reasoner."""
-    from diffalign.core.config import save_config
+    """SFT warm-up of the reasoner (resumes from the last checkpoint)."""
     from diffalign.listener_reward.train import run_sft
 
-    cfg = _cfg(recipe, overrides, "sft.output_dir", run_dir)
-    save_config(cfg, cfg.sft.output_dir)
-    typer.echo(f"saved {run_sft(cfg)}")
+    _train_stage(run_sft, "sft", SFT_IGNORE, recipe, overrides, run_dir, resume, allow_changed)
 
 
 @app.command()
@@ -117,14 +181,13 @@ def train(
     run_dir: Path = typer.Option(
         None, "--run-dir", help="Output folder of the GRPO run (sets grpo.output_dir)"
     ),
+    resume: str = ResumeOption,
+    allow_changed: list[str] = AllowChangedOption,
 ) -> None:
     """GRPO with format + accuracy (+ listener) rewards, TRL GRPOTrainer; resumes from the last checkpoint."""
-    from diffalign.core.config import save_config
     from diffalign.listener_reward.train import run_grpo
 
-    cfg = _cfg(recipe, overrides, "grpo.output_dir", run_dir)
-    save_config(cfg, cfg.grpo.output_dir)
-    typer.echo(f"saved {run_grpo(cfg)}")
+    _train_stage(run_grpo, "grpo", GRPO_IGNORE, recipe, overrides, run_dir, resume, allow_changed)
 
 
 @app.command("eval")

@@ -107,19 +107,33 @@ class ListDataset(torch.utils.data.Dataset):
 
 
 def _deepspeed_arg(cfg: ListenerRewardRecipe):
-    stage = getattr(cfg.launch, "deepspeed", "none")
-    if stage in (None, "none"):
-        return None
-    if str(stage).endswith(".json"):
-        return str(stage)
-    from diffalign.core.launch import deepspeed_config
+    """The DeepSpeed config for ``TrainingArguments(deepspeed=...)``: core's preset dict or the recipe's file."""
+    from diffalign.core.launch import DEEPSPEED_PRESETS, deepspeed_config
 
-    mapping = {"zero2": (2, False), "zero3": (3, False), "zero3_offload": (3, True)}
-    if stage not in mapping:
-        raise ValueError(
-            f"launch.deepspeed must be none, zero2, zero3, zero3_offload or a .json path; got {stage!r}"
-        )
-    return deepspeed_config(*mapping[stage])
+    stage = cfg.launch.deepspeed  # LaunchConfig validated it: none, a preset or an existing .json file
+    if stage == "none":
+        return None
+    if stage in DEEPSPEED_PRESETS:
+        return deepspeed_config(*DEEPSPEED_PRESETS[stage])
+    return str(stage)
+
+
+def _report_to(cfg: ListenerRewardRecipe, output_dir: str | Path) -> list[str] | str:
+    """``TrainingArguments(report_to=...)`` from the recipe's ``launch.log_with`` (installed trackers only)."""
+    from diffalign.core.launch import resolve_trackers
+
+    return resolve_trackers(cfg.launch.log_with, output_dir) or "none"
+
+
+def _use_cpu(cfg: ListenerRewardRecipe) -> bool:
+    """Train on the CPU when the recipe says so or no GPU is present (several CPU processes then use gloo)."""
+    return cfg.device == "cpu" or not torch.cuda.is_available()
+
+
+def _check_processes(trainer, cfg: ListenerRewardRecipe) -> None:
+    from diffalign.core.launch import check_process_count
+
+    check_process_count(trainer.accelerator, cfg.launch)
 
 
 def _last_checkpoint(output_dir: Path) -> str | None:
@@ -149,8 +163,13 @@ def train_completions(
     deepspeed=None,
     use_cpu: bool = True,
     resume: bool = True,
+    report_to: list[str] | str = "none",
+    check=None,
 ):
-    """Masked-completion fine-tuning with ``transformers.Trainer`` (checkpoints + resume)."""
+    """Masked-completion fine-tuning with ``transformers.Trainer`` (checkpoints + resume).
+
+    ``report_to`` names the trackers (``TrainingArguments.report_to``); ``check(trainer)`` runs before
+    training (the recipe's process-count check)."""
     from transformers import Trainer, TrainingArguments
 
     output_dir = Path(output_dir)
@@ -167,7 +186,7 @@ def train_completions(
         save_steps=save_steps,
         save_total_limit=2,
         logging_steps=logging_steps,
-        report_to="none",
+        report_to=report_to,
         remove_unused_columns=False,
         seed=seed,
         data_seed=seed,
@@ -183,6 +202,8 @@ def train_completions(
         train_dataset=ListDataset(items),
         data_collator=CompletionCollator(processor, suffix=suffix, add_eos=add_eos),
     )
+    if check is not None:
+        check(trainer)
     checkpoint = _last_checkpoint(output_dir) if resume else None
     result = trainer.train(resume_from_checkpoint=checkpoint)
     model.eval()
@@ -228,7 +249,7 @@ def run_sft(cfg: ListenerRewardRecipe, pairs=None) -> Path:
     )
     pairs = pairs if pairs is not None else load_pairs(cfg.data, "train")
     model = _maybe_lora(model, cfg)
-    train_completions(
+    trainer, _ = train_completions(
         model,
         processor,
         sft_items(pairs, cfg),
@@ -244,9 +265,15 @@ def run_sft(cfg: ListenerRewardRecipe, pairs=None) -> Path:
         save_steps=cfg.sft.save_steps,
         logging_steps=cfg.sft.logging_steps,
         deepspeed=_deepspeed_arg(cfg),
-        use_cpu=cfg.device == "cpu",
+        use_cpu=_use_cpu(cfg),
+        report_to=_report_to(cfg, cfg.sft.output_dir),
+        check=lambda trainer: _check_processes(trainer, cfg),
     )
-    return save_vlm(model, processor, Path(cfg.sft.output_dir) / "final")
+    final = Path(cfg.sft.output_dir) / "final"
+    if trainer.accelerator.is_main_process:  # written once, by the main process
+        save_vlm(model, processor, final)
+    trainer.accelerator.wait_for_everyone()
+    return final
 
 
 # ------------------------------------------------------------------------------------------------ GRPO
@@ -276,10 +303,10 @@ def build_trl_config(cfg: ListenerRewardRecipe, reward_weights: list[float]):
         gradient_checkpointing=g.gradient_checkpointing,
         use_vllm=g.use_vllm,
         vllm_mode=g.vllm_mode,
-        report_to="none",
+        report_to=_report_to(cfg, g.output_dir),
         seed=cfg.seed,
         data_seed=cfg.seed,
-        use_cpu=cfg.device == "cpu",
+        use_cpu=_use_cpu(cfg),
         bf16=cfg.model.dtype == "bfloat16" and cfg.device != "cpu",
         deepspeed=_deepspeed_arg(cfg),
         remove_unused_columns=False,
@@ -332,13 +359,17 @@ def run_grpo(cfg: ListenerRewardRecipe, pairs=None, listener_backend=None) -> Pa
         processing_class=processor,
         peft_config=peft_config,
     )
+    _check_processes(trainer, cfg)
     checkpoint = _last_checkpoint(Path(cfg.grpo.output_dir))
     trainer.train(resume_from_checkpoint=checkpoint)
-    final = save_vlm(trainer.model, processor, Path(cfg.grpo.output_dir) / "final")
-    history = [row for row in trainer.state.log_history if "loss" in row or "reward" in row]
-    import json
+    final = Path(cfg.grpo.output_dir) / "final"
+    if trainer.accelerator.is_main_process:  # written once, by the main process
+        import json
 
-    (Path(cfg.grpo.output_dir) / "log_history.json").write_text(json.dumps(history, indent=1))
+        save_vlm(trainer.model, processor, final)
+        history = [row for row in trainer.state.log_history if "loss" in row or "reward" in row]
+        (Path(cfg.grpo.output_dir) / "log_history.json").write_text(json.dumps(history, indent=1))
+    trainer.accelerator.wait_for_everyone()
     return final
 
 

@@ -8,12 +8,12 @@ import typer
 
 from diffalign.core.cli import (
     RunDirOption,
-    load_recipe_or_exit,
     method_app,
     recipe_argument,
     set_option,
 )
 from diffalign.core.config import Component
+from diffalign.core.runner import AllowChangedOption, ResumeOption, check_file, run_recipe
 
 app = method_app(
     "mlcm",
@@ -29,27 +29,51 @@ def recipe_components(cfg) -> list[Component]:
     return comps
 
 
+# keys that never change what a run computes: a resumed run may differ in them
+FINGERPRINT_IGNORE = ("run_dir", "log_every", "checkpoint.keep_last", "launch.log_with")
+
+
+def check_recipe(cfg) -> None:
+    """Files the recipe names exist and are non-empty (models and rewards: ``recipe_components``)."""
+    check_file(cfg.data.prompts_file, "data.prompts_file")
+
+
 @app.command()
 def distill(
     recipe: str = recipe_argument("mlcm"),
     overrides: list[str] = set_option("stage1.iterations=10"),
     run_dir: str = RunDirOption,
+    resume: str = ResumeOption,
+    allow_changed: list[str] = AllowChangedOption,
 ) -> None:
     """Distil the recipe's teacher into a multistep student (resumes from the latest checkpoint)."""
     from .config import MLCMRecipe
 
-    cfg = load_recipe_or_exit("mlcm", MLCMRecipe, recipe, overrides, run_dir, recipe_components)
-    from diffalign.core.models import ModelNotFoundError
+    def train(cfg):
+        from .train import train as run_training
 
-    from .train import train
+        return run_training(cfg)
 
-    try:
-        result = train(cfg)
-    except (ModelNotFoundError, FileNotFoundError, ValueError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(code=2) from None
-    typer.echo(
-        f"student written to {result.student_dir} ({result.steps} iterations, {result.wall_time_s:.1f}s)"
+    def done(result) -> None:
+        typer.echo(
+            f"student written to {result.student_dir} ({result.steps} iterations, {result.wall_time_s:.1f}s)"
+        )
+
+    raise typer.Exit(
+        run_recipe(
+            MLCMRecipe,
+            recipe,
+            overrides or [],
+            method="mlcm",
+            train=train,
+            check=check_recipe,
+            components=recipe_components,
+            run_dir=run_dir,
+            resume=resume,
+            allow_changed=allow_changed or [],
+            fingerprint_ignore=FINGERPRINT_IGNORE,
+            on_success=done,
+        )
     )
 
 

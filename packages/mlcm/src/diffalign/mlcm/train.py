@@ -4,8 +4,8 @@ Reads like v6 Sec. 4 of arXiv 2406.05768: every iteration draws prompts only; tr
 guided teacher's own DDIM trajectories. The student is a LoRA on the teacher (teacher = adapters disabled)
 or a full copy. Runs single-process, DDP or DeepSpeed through core's ``make_accelerator``; checkpoints
 atomically every ``checkpoint.every`` iterations and resumes from the latest one. Every random draw of
-iteration ``i`` comes from a generator seeded by ``(seed, i, rank)``, so a resumed run retraces an
-uninterrupted one.
+iteration ``i`` on rank ``r`` of ``N`` comes from a generator seeded by ``(seed, i * N + r)``, so a resumed
+run retraces an uninterrupted one and N processes draw what one process accumulating N micro-batches draws.
 """
 
 from __future__ import annotations
@@ -18,22 +18,15 @@ from pathlib import Path
 
 import torch
 
+from diffalign.core.checkpoints import StateCheckpoints
 from diffalign.core.config import save_config
 from diffalign.core.denoisers import adapters_disabled, denoiser_for
 from diffalign.core.factory import load_factory
-from diffalign.core.launch import make_accelerator
+from diffalign.core.launch import check_process_count, make_accelerator
 from diffalign.core.lora import add_lora, default_targets, make_lora_config, save_lora
+from diffalign.core.monitor import StepLogger
 from diffalign.core.rundir import MetricsLog
-from diffalign.core.training import (
-    EMA,
-    CheckpointManager,
-    capture_rng_state,
-    check_finite,
-    make_tracker,
-    progress,
-    restore_rng_state,
-    seed_everything,
-)
+from diffalign.core.training import EMA, check_finite, finish_trackers, make_tracker, seed_everything
 
 from .config import MLCMRecipe
 from .distill import (
@@ -299,8 +292,10 @@ def export_student(distiller: Distiller, out_dir: Path, source: str) -> Path:
     return out_dir
 
 
-def _step_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 131 + rank)
+def _step_generator(seed: int, micro_batch: int) -> torch.Generator:
+    """The generator of global micro-batch ``micro_batch`` (``step * processes + rank``): N processes draw
+    what one process accumulating N micro-batches per optimizer step draws."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + micro_batch) * 131)
 
 
 def train(cfg: MLCMRecipe, pipe=None, reward=None, max_steps: int | None = None) -> TrainResult:
@@ -312,6 +307,7 @@ def train(cfg: MLCMRecipe, pipe=None, reward=None, max_steps: int | None = None)
     reward = reward if reward is not None else resolve_reward(cfg)
     prompts = build_prompts(cfg)
     accelerator = make_accelerator(cfg.launch, run_dir)
+    check_process_count(accelerator, cfg.launch)
     if pipe is None:
         from diffalign.core.models import load_pipeline
 
@@ -323,49 +319,32 @@ def train(cfg: MLCMRecipe, pipe=None, reward=None, max_steps: int | None = None)
         list(params.values()), lr=cfg.stage1.lr, weight_decay=cfg.distill.weight_decay
     )
     distiller.student, optimizer = accelerator.prepare(distiller.model, optimizer)
+    if distiller.target_model is not None:
+        accelerator.register_for_checkpointing(distiller.target_model)
 
     phases = plan_phases(cfg)
     total = phases[-1].end
-    ckpt = CheckpointManager(run_dir, keep_last=cfg.checkpoint.keep_last)
+    # accelerate's save_state/load_state: the student, the optimizer (every ZeRO partition), the EMA
+    # target and the RNG states of every rank, atomically and verified
+    ckpt = StateCheckpoints(accelerator, run_dir, keep_last=cfg.checkpoint.keep_last)
     step, current_key = 0, None
     state = ckpt.load_latest()
     if state is not None:
-        missing = set(params) - set(state["trainable"])
-        if missing:
-            raise ValueError(
-                f"checkpoint in {run_dir} does not match this student ({len(missing)} parameters missing)"
-            )
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(state["trainable"][name].to(p.device, p.dtype))
-        if distiller.target_model is not None and state.get("target") is not None:
-            distiller.target_model.load_state_dict(state["target"])
-        optimizer.load_state_dict(state["optimizer"])
-        restore_rng_state(state["rng"])
-        step, current_key = int(state["step"]), state["phase"]
+        step, extra = state
+        current_key = extra["phase"]
     if accelerator.is_main_process:
         save_config(cfg, run_dir)
-    log = make_tracker(accelerator, run_dir)
+    log = make_tracker(accelerator, run_dir, project="mlcm", config=cfg.model_dump(mode="json"))
     history: list[dict] = []
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
     # rows logged after the checkpoint we resume from would be logged again: cut them
     metrics.truncate(step)
 
     def save(step_done: int, phase: Phase) -> None:
-        if not accelerator.is_main_process:
-            return
-        payload = {
-            "step": step_done,
-            "phase": phase.key,
-            "trainable": {n: p.detach().cpu() for n, p in params.items()},
-            "optimizer": optimizer.state_dict(),
-            "rng": capture_rng_state(),
-            "target": None if distiller.target_model is None else distiller.target_model.state_dict(),
-        }
-        ckpt.save(step_done, payload)
+        ckpt.save(step_done, {"phase": phase.key})
 
     stop = total if max_steps is None else min(total, max_steps)
-    bar = progress(total=total, initial=step, desc="mlcm distill")
+    bar = StepLogger(total, log_every=cfg.log_every, desc="mlcm distill", initial=step)
     batch = cfg.distill.batch_size
     while step < stop:
         phase = next(p for p in phases if p.start <= step < p.end)
@@ -378,7 +357,7 @@ def train(cfg: MLCMRecipe, pipe=None, reward=None, max_steps: int | None = None)
             current_key = phase.key
         for group in optimizer.param_groups:
             group["lr"] = phase.lr
-        gen = _step_generator(cfg.seed, step, accelerator.process_index)
+        gen = _step_generator(cfg.seed, step * accelerator.num_processes + accelerator.process_index)
         bsz = (cfg.reward.batch_size or batch) if phase.stage == "reward" else batch
         idx = torch.randint(0, len(prompts), (bsz,), generator=gen)
         batch_prompts = [prompts[i] for i in idx.tolist()]
@@ -397,8 +376,7 @@ def train(cfg: MLCMRecipe, pipe=None, reward=None, max_steps: int | None = None)
         if step % cfg.log_every == 0 or step == stop:
             log({f"{phase.stage}/{k}": v for k, v in record.items() if k not in ("step", "phase")}, step)
             metrics.append(step, {k: v for k, v in record.items() if k != "step"})
-        bar.update(1)
-        bar.set_postfix(phase=phase.key, loss=f"{record['loss']:.4g}")
+        bar.step(step, {"phase": phase.key, "loss": record["loss"]})
         if step % cfg.checkpoint.every == 0 or step == phase.end or step == stop:
             save(step, phase)
     bar.close()
@@ -407,4 +385,5 @@ def train(cfg: MLCMRecipe, pipe=None, reward=None, max_steps: int | None = None)
     if step >= total and accelerator.is_main_process:
         distiller.model = accelerator.unwrap_model(distiller.student)
         export_student(distiller, student_dir, cfg.model.source)
+    finish_trackers(accelerator)
     return TrainResult(run_dir, student_dir, step, history, time.time() - t_start)

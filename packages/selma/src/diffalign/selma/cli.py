@@ -5,12 +5,12 @@ from __future__ import annotations
 import typer
 
 from diffalign.core.cli import (
-    load_recipe_or_exit,
     method_app,
     recipe_argument,
     set_option,
 )
 from diffalign.core.config import Component
+from diffalign.core.runner import AllowChangedOption, BadInputError, ResumeOption, run_recipe
 
 app = method_app(
     "selma",
@@ -49,63 +49,109 @@ def recipe_components(cfg) -> list[Component]:
     return comps
 
 
-def _load(recipe: str, overrides: list[str] | None, run_dir: str | None):
-    from diffalign.selma.config import SelmaConfig
+# keys that never change what the training stages compute: merge and eval settings are re-read on every
+# command (``merge --method`` changes merge.method), logging and checkpoint retention
+FINGERPRINT_IGNORE = (
+    "run_dir",
+    "merge",
+    "eval",
+    "train.log_every",
+    "train.keep_checkpoints",
+    "launch.log_with",
+)
 
-    return load_recipe_or_exit("selma", SelmaConfig, recipe, overrides, run_dir, recipe_components)
 
-
-def _check_prompt_backend(cfg) -> None:
+def check_prompt_backend(cfg) -> None:
     """The openai backend refuses to start without its key (before anything is written)."""
     import os
 
     o = cfg.prompts.openai
     if cfg.prompts.backend == "openai" and o.api_key_env and not os.environ.get(o.api_key_env):
-        typer.echo(
-            f"error: prompts.backend is 'openai' but the environment variable {o.api_key_env} is empty; export "
-            "the key, or set prompts.openai.api_key_env=null for a local server without authentication",
-            err=True,
+        raise BadInputError(
+            f"prompts.backend is 'openai' but the environment variable {o.api_key_env} is empty; export "
+            "the key, or set prompts.openai.api_key_env=null for a local server without authentication"
         )
-        raise typer.Exit(code=2)
 
 
-def _fail(err: Exception) -> None:
-    typer.echo(f"error: {err}", err=True)
-    raise typer.Exit(code=1)
+def _run(
+    stage,
+    recipe: str,
+    overrides: list[str] | None,
+    run_dir: str | None,
+    resume: str,
+    allow_changed: list[str] | None,
+    *,
+    check=None,
+    multi_process: bool = True,
+) -> None:
+    """Run ``stage(cfg)`` through core's recipe runner. Single-process stages (prompts, merge, eval) do not
+    use the recipe's launch section."""
+    from diffalign.selma.config import SelmaConfig
+    from diffalign.selma.lora import AdapterError
+    from diffalign.selma.prompts import PromptBackendError
 
+    def save_and_run(cfg):
+        from diffalign.core.config import save_config
+        from diffalign.core.launch import is_main_process
 
-def _save(cfg) -> None:
-    from diffalign.core.config import save_config
+        if is_main_process():
+            save_config(cfg, cfg.run_dir)
+        return stage(cfg)
 
-    save_config(cfg, cfg.run_dir)
+    raise typer.Exit(
+        run_recipe(
+            SelmaConfig,
+            recipe,
+            overrides or [],
+            method="selma",
+            train=save_and_run,
+            check=check,
+            components=recipe_components,
+            run_dir=run_dir,
+            resume=resume,
+            allow_changed=allow_changed or [],
+            fingerprint_ignore=FINGERPRINT_IGNORE,
+            launch_field="launch" if multi_process else None,
+            runtime_errors=(PromptBackendError, AdapterError, ValueError, RuntimeError),
+        )
+    )
 
 
 @app.command()
-def prompts(recipe: str = RecipeArg, set_: list[str] = SetOpt, run_dir: str = RunDirOpt) -> None:
+def prompts(
+    recipe: str = RecipeArg,
+    set_: list[str] = SetOpt,
+    run_dir: str = RunDirOpt,
+    resume: str = ResumeOption,
+    allow_changed: list[str] = AllowChangedOption,
+) -> None:
     """Stage 1: generate skill-specific prompts (self-instruct loop, Rouge-L dedup; resumable)."""
-    from diffalign.selma.prompts import PromptBackendError
     from diffalign.selma.stages import stage_prompts
 
-    cfg = _load(recipe, set_, run_dir)
-    _check_prompt_backend(cfg)
-    _save(cfg)
-    try:
-        stage_prompts(cfg)
-    except (PromptBackendError, RuntimeError, ValueError) as err:
-        _fail(err)
+    _run(
+        stage_prompts,
+        recipe,
+        set_,
+        run_dir,
+        resume,
+        allow_changed,
+        check=check_prompt_backend,
+        multi_process=False,
+    )
 
 
 @app.command()
-def images(recipe: str = RecipeArg, set_: list[str] = SetOpt, run_dir: str = RunDirOpt) -> None:
-    """Stage 2: generate one image per prompt into an imagefolder (resumable; run under accelerate to shard)."""
+def images(
+    recipe: str = RecipeArg,
+    set_: list[str] = SetOpt,
+    run_dir: str = RunDirOpt,
+    resume: str = ResumeOption,
+    allow_changed: list[str] = AllowChangedOption,
+) -> None:
+    """Stage 2: generate one image per prompt into an imagefolder (resumable; shards over the recipe's processes)."""
     from diffalign.selma.stages import stage_images
 
-    cfg = _load(recipe, set_, run_dir)
-    _save(cfg)
-    try:
-        stage_images(cfg)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        _fail(err)
+    _run(stage_images, recipe, set_, run_dir, resume, allow_changed)
 
 
 @app.command()
@@ -115,16 +161,16 @@ def train(
     run_dir: str = RunDirOpt,
     skill: list[str] = typer.Option(None, "--skill", help="Train only these skills (repeatable)"),
     mixed: bool = typer.Option(False, "--mixed", help="Also train the one-LoRA-on-all-skills baseline"),
+    resume: str = ResumeOption,
+    allow_changed: list[str] = AllowChangedOption,
 ) -> None:
-    """Stage 3: one LoRA expert per skill (checkpoints and resume)."""
+    """Stage 3: one LoRA expert per skill (checkpoints and resume; data-parallel over the recipe's processes)."""
     from diffalign.selma.stages import stage_train
 
-    cfg = _load(recipe, set_, run_dir)
-    _save(cfg)
-    try:
-        stage_train(cfg, skills=list(skill) if skill else None, mixed=mixed)
-    except (FileNotFoundError, ValueError) as err:
-        _fail(err)
+    def stage(cfg):
+        return stage_train(cfg, skills=list(skill) if skill else None, mixed=mixed)
+
+    _run(stage, recipe, set_, run_dir, resume, allow_changed)
 
 
 @app.command()
@@ -133,16 +179,14 @@ def merge(
     set_: list[str] = SetOpt,
     run_dir: str = RunDirOpt,
     method: str = typer.Option(None, "--method", help="Override merge.method"),
+    resume: str = ResumeOption,
+    allow_changed: list[str] = AllowChangedOption,
 ) -> None:
     """Stage 4: merge the experts (exact average by default) and export a LoRA and/or fused pipeline."""
-    from diffalign.selma.lora import AdapterError
     from diffalign.selma.stages import stage_merge
 
-    cfg = _load(recipe, list(set_ or []) + ([f"merge.method={method}"] if method else []), run_dir)
-    try:
-        stage_merge(cfg)
-    except (AdapterError, FileNotFoundError) as err:
-        _fail(err)
+    overrides = list(set_ or []) + ([f"merge.method={method}"] if method else [])
+    _run(stage_merge, recipe, overrides, run_dir, resume, allow_changed, multi_process=False)
 
 
 @app.command("eval")
@@ -153,31 +197,31 @@ def eval_(
     model: list[str] = typer.Option(
         None, "--model", help="base, expert:<skill>, mixed, merged[:<method>] (repeatable)"
     ),
+    resume: str = ResumeOption,
+    allow_changed: list[str] = AllowChangedOption,
 ) -> None:
     """Stage 5: per-skill faithfulness (and registered rewards) of base / experts / mixed / merged models."""
-    from diffalign.selma.lora import AdapterError
     from diffalign.selma.stages import stage_eval
 
-    cfg = _load(recipe, set_, run_dir)
-    try:
-        stage_eval(cfg, models=list(model) if model else None)
-    except (AdapterError, FileNotFoundError, ValueError) as err:
-        _fail(err)
+    def stage(cfg):
+        return stage_eval(cfg, models=list(model) if model else None)
+
+    _run(stage, recipe, set_, run_dir, resume, allow_changed, multi_process=False)
 
 
 @app.command()
-def run(recipe: str = RecipeArg, set_: list[str] = SetOpt, run_dir: str = RunDirOpt) -> None:
-    """All stages in order; each one resumes from what is already on disk."""
-    from diffalign.selma.lora import AdapterError
-    from diffalign.selma.prompts import PromptBackendError
+def run(
+    recipe: str = RecipeArg,
+    set_: list[str] = SetOpt,
+    run_dir: str = RunDirOpt,
+    resume: str = ResumeOption,
+    allow_changed: list[str] = AllowChangedOption,
+) -> None:
+    """All stages in order; each one resumes from what is already on disk (images and training use the
+    recipe's processes, the other stages run on the main one)."""
     from diffalign.selma.stages import run_all
 
-    cfg = _load(recipe, set_, run_dir)
-    _check_prompt_backend(cfg)
-    try:
-        run_all(cfg)
-    except (PromptBackendError, AdapterError, FileNotFoundError, ValueError, RuntimeError) as err:
-        _fail(err)
+    _run(run_all, recipe, set_, run_dir, resume, allow_changed, check=check_prompt_backend)
 
 
 def main() -> None:

@@ -107,7 +107,7 @@ def generate_images(
 ) -> Path | None:
     """Generate this process's share of the images; the main process then writes ``metadata.jsonl``.
 
-    ``process_index``/``num_processes`` default to accelerate's ``PartialState`` (1 process when not
+    ``process_index``/``num_processes`` default to core's ``process_state()`` (1 process when not
     launched). ``reward`` (a core ``RewardModel``) scores each image; with ``reward_threshold`` the
     final metadata keeps only images scoring at least that (DreamSync-style filtering).
     Returns the metadata path on the main process when finalised, else None.
@@ -117,9 +117,9 @@ def generate_images(
     if not records:
         raise ValueError("no prompts to generate images for")
     if process_index is None or num_processes is None:
-        from accelerate import PartialState
+        from diffalign.core.launch import process_state
 
-        state = PartialState()
+        state = process_state()
         process_index, num_processes = state.process_index, state.num_processes
         barrier = barrier or state.wait_for_everyone
     if not 0 <= process_index < num_processes:

@@ -148,10 +148,12 @@ def stage_images(cfg: SelmaConfig, pipe=None, log: Callable = print) -> Path | N
             )
         records += read_prompts(path)
     ic = cfg.images
-    if pipe is None:
-        from accelerate import PartialState
+    from diffalign.core.launch import check_process_count, process_state
 
-        device = ic.device or cfg.device or str(PartialState().device)
+    state = process_state()  # joins the other processes (gloo on a CPU) when launched with several
+    check_process_count(state, cfg.launch)
+    if pipe is None:
+        device = ic.device or cfg.device or str(state.device)
         pipe = load_model(ic.generator or cfg.model, ic.dtype or cfg.dtype, device)
     reward = None
     if ic.reward_filter.enabled:
@@ -412,12 +414,23 @@ def _expand_models(cfg: SelmaConfig, kinds) -> list[str]:
     return out
 
 
-def run_all(cfg: SelmaConfig, log: Callable = print) -> dict:
+def run_all(cfg: SelmaConfig, log: Callable = print) -> dict | None:
+    """Every stage in order. Launched with several processes, images and training are shared among them
+    and prompts, merge and evaluation run on the main process (the others wait); returns the evaluation
+    results on the main process."""
     from diffalign.core.config import save_config
+    from diffalign.core.launch import process_state
 
-    save_config(cfg, cfg.run_dir)
-    stage_prompts(cfg, log)
+    state = process_state()
+    if state.is_main_process:
+        save_config(cfg, cfg.run_dir)
+        stage_prompts(cfg, log)
+    state.wait_for_everyone()
     stage_images(cfg, log=log)
     stage_train(cfg, mixed=bool({"mixed", "mixed_matched"} & set(cfg.eval.models)), log=log)
-    stage_merge(cfg, log=log)
-    return stage_eval(cfg, log=log)
+    results = None
+    if state.is_main_process:
+        stage_merge(cfg, log=log)
+        results = stage_eval(cfg, log=log)
+    state.wait_for_everyone()
+    return results

@@ -30,8 +30,12 @@ from diffalign.selma.losses import diffusion_loss, drop_captions, loss_weights
 FAMILIES = ("sd", "sdxl", "pixart")  # DDPM-family pipelines (the plain diffusion loss on integer timesteps)
 
 
-def _step_seed(seed: int, step: int, micro: int, rank: int) -> int:
-    return int(hashlib.sha256(f"selma-train:{seed}:{step}:{micro}:{rank}".encode()).hexdigest()[:15], 16)
+def _micro_batch_seed(seed: int, micro_batch: int) -> int:
+    """Seed of the noise, timesteps, crops and caption dropout of global micro-batch ``micro_batch``.
+
+    Micro-batch ``(step * accumulation + micro) * processes + rank`` is drawn the same way however the
+    global batch is laid out, so N processes train like one process accumulating N micro-batches."""
+    return int(hashlib.sha256(f"selma-train:{seed}:{micro_batch}:0:0".encode()).hexdigest()[:15], 16)
 
 
 def batch_indices(seed: int, counter: int, batch_size: int, n: int) -> list[int]:
@@ -103,8 +107,11 @@ def train_lora(
     """
     from diffusers.optimization import get_scheduler
 
-    from diffalign.core.launch import make_accelerator
-    from diffalign.core.training import CheckpointManager, check_finite, progress
+    from diffalign.core.checkpoints import StateCheckpoints
+    from diffalign.core.launch import LaunchConfig, check_process_count, make_accelerator
+    from diffalign.core.monitor import StepLogger
+    from diffalign.core.rundir import MetricsLog
+    from diffalign.core.training import check_finite, finish_trackers, make_tracker
 
     out_dir = Path(out_dir)
     steps = steps or tcfg.steps
@@ -120,6 +127,7 @@ def train_lora(
             log(f"[selma] {out_dir} already holds a finished adapter ({steps} steps); skipping")
             return out_dir
     accelerator = make_accelerator(launch, out_dir)
+    check_process_count(accelerator, launch or LaunchConfig())
     device = accelerator.device
     pipe.to(device)
     for comp in ("vae", "text_encoder", "text_encoder_2"):
@@ -164,30 +172,36 @@ def train_lora(
             f"this model predicts {prediction_type!r}: use loss_weighting 'none'"
         )
 
-    ckpt = CheckpointManager(out_dir, keep_last=tcfg.keep_checkpoints)
+    # accelerate's save_state/load_state: the LoRA model, the optimizer (every ZeRO partition), the LR
+    # schedule and the RNG states of every rank, atomically and verified
+    ckpt = StateCheckpoints(accelerator, out_dir, keep_last=tcfg.keep_checkpoints)
     start = 0
-    state = ckpt.load_latest()
-    if state is not None:
-        if state.get("rank") != tcfg.rank or state.get("total_steps") != steps:
+    latest = ckpt.latest_step()
+    if latest is not None:
+        shape = ckpt.extra(latest)
+        if shape.get("rank") != tcfg.rank or shape.get("total_steps") != steps:
             raise ValueError(
-                f"checkpoint in {ckpt.dir} was made with rank {state.get('rank')} / {state.get('total_steps')} steps, "
-                f"the recipe asks for rank {tcfg.rank} / {steps} steps: use another run directory"
+                f"checkpoint in {ckpt.dir} was made with rank {shape.get('rank')} / {shape.get('total_steps')} "
+                f"steps, the recipe asks for rank {tcfg.rank} / {steps} steps: use another run directory"
             )
-        _load_lora_tensors(accelerator.unwrap_model(denoiser_p), state["lora"])
-        optimizer.load_state_dict(state["optimizer"])
-        lr_sched.load_state_dict(state["lr_scheduler"])
-        start = int(state["step"])
+        ckpt.load(latest)
+        start = latest
         log(f"[selma] resuming {out_dir.name} from step {start}")
     rank, world = accelerator.process_index, accelerator.num_processes
-    bar_kwargs = {} if accelerator.is_main_process else {"disable": True}
-    bar = progress(total=steps, initial=start, desc=f"train[{skill or out_dir.name}]", **bar_kwargs)
+    track = make_tracker(
+        accelerator, out_dir, project=f"selma-{skill or out_dir.name}", config=tcfg.model_dump()
+    )
+    metrics = MetricsLog(out_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
+    metrics.truncate(start)  # rows logged after the checkpoint would be logged again
+    bar = StepLogger(steps, log_every=tcfg.log_every, desc=f"train[{skill or out_dir.name}]", initial=start)
     denoiser_p.train()
     last_loss = float("nan")
     history: list[dict] = []
     for step in range(start, steps):
         for micro in range(accum):
-            gen = torch.Generator().manual_seed(_step_seed(seed, step, micro, rank))
-            counter = ((step * accum + micro) * world + rank) * tcfg.batch_size
+            micro_batch = (step * accum + micro) * world + rank
+            gen = torch.Generator().manual_seed(_micro_batch_seed(seed, micro_batch))
+            counter = micro_batch * tcfg.batch_size
             idx = batch_indices(seed, counter, tcfg.batch_size, len(dataset))
             items = [dataset.load(i, gen) for i in idx]
             pixels = torch.stack([it[0] for it in items])
@@ -215,22 +229,11 @@ def train_lora(
         done = step + 1
         if done % tcfg.log_every == 0 or done == steps:
             history.append({"step": done, "loss": last_loss})
-        bar.update(1)
-        bar.set_postfix(loss=f"{last_loss:.4f}")
+            metrics.append(done, {"loss": last_loss, "lr": lr_sched.get_last_lr()[0]})
+            track({"loss": last_loss}, done)
+        bar.step(done, {"loss": last_loss})
         if done % tcfg.checkpoint_every == 0 or done == steps:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                ckpt.save(
-                    done,
-                    {
-                        "step": done,
-                        "lora": _lora_tensors(accelerator.unwrap_model(denoiser_p)),
-                        "optimizer": optimizer.state_dict(),
-                        "lr_scheduler": lr_sched.state_dict(),
-                        "rank": tcfg.rank,
-                        "total_steps": steps,
-                    },
-                )
+            ckpt.save(done, {"rank": tcfg.rank, "total_steps": steps})
         if done in tcfg.adapter_steps and accelerator.is_main_process:
             _export(
                 accelerator.unwrap_model(denoiser_p),
@@ -260,22 +263,9 @@ def train_lora(
             history=history,
         )
     accelerator.wait_for_everyone()
+    finish_trackers(accelerator)
     accelerator.free_memory()
     return out_dir
-
-
-def _lora_tensors(denoiser) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in denoiser.named_parameters() if "lora_" in n}
-
-
-@torch.no_grad()
-def _load_lora_tensors(denoiser, tensors: dict[str, torch.Tensor]) -> None:
-    params = dict(denoiser.named_parameters())
-    missing = [n for n in tensors if n not in params]
-    if missing:
-        raise ValueError(f"checkpoint LoRA tensors do not match the model (first: {missing[:3]})")
-    for n, t in tensors.items():
-        params[n].copy_(t)
 
 
 def _export(
