@@ -145,8 +145,9 @@ def test_summary_targets_fail_where_the_method_loses():
     assert not targets["di_star_fid_within_1.5x_teacher_50step"]
     # a seed not yet scored in stage 2 is left out of every comparison
     del rows["sim_seed2"]
-    _, comp, targets = bench.summarise(rows, [0, 1, 2])
+    table, comp, targets = bench.summarise(rows, [0, 1, 2])
     assert comp["di_star_minus_sim"]["n"] == 2 and targets["seeds_compared"] == 2
+    assert table["sim"]["n_seeds"] == 2 and table["di_star"]["n_seeds"] == 3
 
 
 def test_alpha_sweep_reuses_the_stage2_rows_and_plots(tmp_path):
