@@ -122,7 +122,10 @@ def _protocol_rows(di, sim, st1, t4=0.62, t50=0.70, fids=(120.0, 150.0, 100.0)):
 def test_summary_targets_follow_the_paired_differences():
     rows = _protocol_rows(di=[0.75, 0.72, 0.74], sim=[0.66, 0.65, 0.70], st1=[0.64, 0.63, 0.69])
     table, comp, targets = bench.summarise(rows, [0, 1, 2])
-    assert table["di_star"]["faithfulness"] == pytest.approx((0.75 + 0.72 + 0.74) / 3) and table["di_star"]["n_seeds"] == 3
+    assert (
+        table["di_star"]["faithfulness"] == pytest.approx((0.75 + 0.72 + 0.74) / 3)
+        and table["di_star"]["n_seeds"] == 3
+    )
     assert comp["di_star_minus_sim"]["mean"] == pytest.approx((0.09 + 0.07 + 0.04) / 3)
     assert comp["sim_minus_stage1"]["per_seed"] == pytest.approx([0.02, 0.02, 0.01])
     assert comp["fid_ratio_di_star_to_teacher_50step"]["mean"] == pytest.approx(1.2)
