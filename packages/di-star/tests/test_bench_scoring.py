@@ -176,3 +176,17 @@ def test_scored_rows_refuse_a_work_dir_of_other_settings(tmp_path):
     with pytest.raises(SystemExit, match="stage1_steps"):
         bench.ScoredRows(tmp_path, {"stage1_steps": 60})
     assert (tmp_path / "rows.json").read_text() == before
+
+
+def test_headline_prints_means_spreads_and_targets(tmp_path, capsys):
+    rows = _protocol_rows(di=[0.75, 0.72, 0.74], sim=[0.66, 0.65, 0.70], st1=[0.64, 0.63, 0.69])
+    table, comp, targets = bench.summarise(rows, [0, 1, 2])
+    result = {"rows": table, "comparisons": comp, "target": targets}
+    text = bench.headline(result)
+    di_line = next(line for line in text.splitlines() if line.startswith("| stage 2: DI*"))
+    assert "0.737 ± 0.015" in di_line and "| 3 |" in di_line
+    assert "+0.090, +0.070, +0.040" in text and "- di_star_gt_sim: True" in text
+    path = tmp_path / "r.json"
+    path.write_text(__import__("json").dumps(result))
+    bench.main(["--print", str(path)])
+    assert capsys.readouterr().out == text

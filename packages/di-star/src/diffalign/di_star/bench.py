@@ -548,11 +548,77 @@ def run(args: argparse.Namespace) -> dict:
     return write_results(complete=True)
 
 
+HEADLINE_ROWS = {
+    "teacher_1step": "teacher, 1 step",
+    "teacher_4step": "teacher, 4 steps",
+    "teacher_25step": "teacher, 25 steps",
+    "teacher_50step": "teacher, 50 steps",
+    "init_one_step": "teacher at t* (one step, stage-1 start)",
+    "stage1": "stage 1: reward-free (SIM-like)",
+    "sim": "stage 2: continued SIM",
+    "di_star": "stage 2: DI*",
+    "di_pp_kl": "stage 2: DI++-like (KL)",
+}
+
+
+def _pm(row: dict, key: str, digits: int) -> str:
+    if key not in row:
+        return ""
+    std = row.get(f"{key}_std")
+    return f"{row[key]:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
+
+
+def headline(results: dict) -> str:
+    """The benchmark's result as markdown: the rows (mean ± standard deviation over training seeds), the
+    paired differences and the targets."""
+    from diffalign.core.report import markdown_table
+
+    rows = results["rows"]
+    table = [
+        {
+            "model": label,
+            "seeds": rows[name].get("n_seeds", ""),
+            "faithfulness (eval verifier)": _pm(rows[name], "faithfulness", 3),
+            "faithfulness (train verifier)": _pm(rows[name], "faithfulness_train_verifier", 3),
+            "FID": _pm(rows[name], "fid", 1),
+            "reward": _pm(rows[name], "reward", 3),
+            "diversity": _pm(rows[name], "diversity", 1),
+        }
+        for name, label in HEADLINE_ROWS.items()
+        if name in rows
+    ]
+    comps = [
+        {
+            "paired difference": name,
+            "mean": c["mean"],
+            "std": c.get("std", ""),
+            "per seed": ", ".join(f"{v:+.3f}" if "fid" not in name else f"{v:.2f}" for v in c["per_seed"]),
+        }
+        for name, c in results.get("comparisons", {}).items()
+    ]
+    out = markdown_table(table)
+    if comps:
+        out += "\n" + markdown_table(comps)
+    if results.get("target"):
+        out += "\n" + "\n".join(f"- {k}: {v}" for k, v in results["target"].items()) + "\n"
+    if "reward_hacking_check" in results:
+        check = results["reward_hacking_check"]
+        out += f"- reward hacking suspected (DI* vs stage 1): {check['suspected']}\n"
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", default="bench/results/di-star.json")
+    parser.add_argument(
+        "--print",
+        dest="show",
+        metavar="JSON",
+        default=None,
+        help="print the tables of a written result and exit",
+    )
     parser.add_argument("--teacher", default="shapes/unet", help="model id or folder of the teacher pipeline")
     parser.add_argument(
         "--quick",
@@ -584,6 +650,12 @@ def main(argv: list[str] | None = None) -> None:
         "--reward-resize", type=int, default=None, help="resize decoded pixels for the reward"
     )
     args = parser.parse_args(argv)
+    if args.show is not None:
+        path = Path(args.show)
+        if not path.is_file():
+            parser.error(f"--print: no result file at {path}")
+        print(headline(json.loads(path.read_text(encoding="utf-8"))), end="")
+        return
     for flag in ("stage1_steps", "stage2_steps", "seeds", "n_per_skill"):
         value = getattr(args, flag)
         if value is not None and value < 1:
