@@ -163,6 +163,8 @@ def test_alpha_sweep_reuses_the_stage2_rows_and_plots(tmp_path):
     assert [e["alpha_rew"] for e in sweep.values() if e["alpha_rew"] is not None] == [0.0, 5.0, 20.0]
     assert sweep["alpha_rew 5"]["faithfulness"] == 0.75 and sweep["stage 1 (start)"]["faithfulness"] == 0.64
     assert sweep["alpha_rew 20"]["hacking_suspected"] and not sweep["alpha_rew 5"]["hacking_suspected"]
+    text = bench.headline({"rows": sweep})
+    assert "| alpha_rew 20 |  | 0.550 | 0.800 | 300.0 |" in text and "| stage 1 (start) |" in text
     png = bench.plot_alpha_sweep(sweep, tmp_path / "sweep.png", 0)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -574,6 +574,8 @@ def headline(results: dict) -> str:
     from diffalign.core.report import markdown_table
 
     rows = results["rows"]
+    labels = {n: HEADLINE_ROWS.get(n, n) for n in rows}  # known rows first, in the table's order
+    labels = {**{n: lab for n, lab in HEADLINE_ROWS.items() if n in rows}, **labels}
     table = [
         {
             "model": label,
@@ -584,8 +586,7 @@ def headline(results: dict) -> str:
             "reward": _pm(rows[name], "reward", 3),
             "diversity": _pm(rows[name], "diversity", 1),
         }
-        for name, label in HEADLINE_ROWS.items()
-        if name in rows
+        for name, label in labels.items()
     ]
     comps = [
         {
