@@ -225,3 +225,29 @@ def test_bench_trains_what_the_protocol_recipes_ship():
         ours = DiStarConfig.model_validate(bench._merge(bench.SHAPES_RECIPE, {"loss": loss}))
         a, b = _drop(shipped, free), _drop(ours.model_dump(mode="json"), free)
         assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True), recipe
+
+
+@pytest.mark.slow
+def test_quick_benchmark_end_to_end_and_resume(tmp_path):
+    """The whole protocol at one step per stage: every row, the sweep files, and a rerun that re-scores
+    nothing; a rerun with another budget is refused."""
+    import json
+
+    out, work = tmp_path / "r" / "di-star.json", tmp_path / "work"
+    argv = ["--quick", "--stage1-steps", "1", "--stage2-steps", "1", "--alphas", "0", "5", "20"]
+    argv += ["--n-per-skill", "1", "--out", str(out), "--work-dir", str(work)]
+    bench.main(argv)
+    result = json.loads(out.read_text())
+    assert result["complete"] and result["target"]["seeds_compared"] == 1
+    assert {"teacher_1step", "teacher_4step", "init_one_step", "stage1", "di_star", "sim"} <= set(
+        result["rows"]
+    )
+    assert result["rows"]["di_star"]["per_seed"][0]["alpha_rew"] == 5.0
+    sweep = json.loads((out.parent / "di-star-alpha.json").read_text())["rows"]
+    assert [e["alpha_rew"] for e in sweep.values() if e["alpha_rew"] is not None] == [0.0, 5.0, 20.0]
+    assert (out.parent / "di-star-alpha.png").stat().st_size > 0
+    scored = (work / "rows.json").read_text()
+    bench.main(argv)
+    assert (work / "rows.json").read_text() == scored
+    with pytest.raises(SystemExit, match="stage2_steps"):
+        bench.main([*argv[:4], "2", *argv[5:]])
