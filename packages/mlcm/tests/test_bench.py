@@ -60,7 +60,7 @@ def test_aggregate_rows_carry_mean_spread_and_every_seed():
 def test_recipe_seed_and_overrides_reach_the_recipe(tmp_path):
     cfg = shapes_recipe("shapes/unet", tmp_path, False, seed=2, overrides={"stage2": {"lr": 1e-4}})
     assert cfg.seed == 2 and cfg.stage2.lr == 1e-4
-    assert cfg.stage2.sample_steps == 4  # merged into the section, not replacing it
+    assert cfg.stage2.iterations == 60  # merged into the section (the default would be 2000)
     lcm = shapes_recipe("shapes/unet", tmp_path, False, single_segment=True, iterations=(200, 60))
     assert (lcm.stage1.iterations, lcm.stage1.num_segments, lcm.stage2.iterations) == (260, 1, 0)
 
