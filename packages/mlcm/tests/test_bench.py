@@ -2,6 +2,7 @@
 
 import pytest
 
+from diffalign.mlcm import bench
 from diffalign.mlcm.bench import aggregate, differences, shapes_recipe
 from diffalign.mlcm.study import seed_from_parent
 
@@ -60,7 +61,7 @@ def test_aggregate_rows_carry_mean_spread_and_every_seed():
 def test_recipe_seed_and_overrides_reach_the_recipe(tmp_path):
     cfg = shapes_recipe("shapes/unet", tmp_path, False, seed=2, overrides={"stage2": {"lr": 1e-4}})
     assert cfg.seed == 2 and cfg.stage2.lr == 1e-4
-    assert cfg.stage2.iterations == 60  # merged into the section (the default would be 2000)
+    assert cfg.stage2.iterations == bench.STAGE2_ITERATIONS  # merged into the section (default: 2000)
     lcm = shapes_recipe("shapes/unet", tmp_path, False, single_segment=True, iterations=(200, 60))
     assert (lcm.stage1.iterations, lcm.stage1.num_segments, lcm.stage2.iterations) == (260, 1, 0)
 
@@ -78,3 +79,35 @@ def test_seed_from_parent_copies_the_last_checkpoint_once(tmp_path):
     assert sorted(p.name for p in (child / "checkpoints").iterdir()) == ["step_00000200.pt"]
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         seed_from_parent(tmp_path / "other", tmp_path / "empty")
+
+
+def test_run_aggregates_every_seed_into_one_report(tmp_path, monkeypatch):
+    import argparse
+    import json
+
+    reports = {r["seed"]: r for r in REPORTS}
+    for r in REPORTS:
+        r.setdefault("evaluation", {"n_prompts": 100, "noise_seed": r["seed"]})
+        r.setdefault("training", {"mlcm": {"iterations": 350}, "lcm-single-segment": {"iterations": 350}})
+    monkeypatch.setattr(bench, "run_seed", lambda args, seed: reports[seed])
+    out = tmp_path / "mlcm.json"
+    args = argparse.Namespace(
+        seeds=[0, 1],
+        model="shapes/unet",
+        out=str(out),
+        quick=False,
+        skip_toy=True,
+        argv=["--seeds", "0", "1"],
+    )
+    report = bench.run(args)
+    saved = json.loads(out.read_text())
+    assert saved["differences"] == report["differences"]
+    assert saved["seeds"] == "0 1" and set(saved["training"]) == {
+        "mlcm seed0", "lcm-single-segment seed0", "mlcm seed1", "lcm-single-segment seed1"
+    }  # fmt: skip
+    # best-of-two samplers per seed: seed 0 loses at 2 steps (0.62 < 0.73), so not on every seed
+    assert saved["targets"]["beats_lcm_at_2_on_every_seed"] is False
+    assert saved["targets"]["beats_lcm_at_4_on_every_seed"] is True
+    assert saved["targets"]["student4_over_teacher50"] == pytest.approx(
+        (0.87 / 0.90 + 0.78 / 0.80) / 2, abs=1e-4
+    )

@@ -10,10 +10,11 @@ single-segment LCM student of the same budget. The hypotheses:
 
 * ``a`` which timesteps the 2 steps land on (sampler only: ``[999, t]`` for every milestone ``t``), and a
   stage 2 run on the 2-segment grid [999, 499, 0] that the 2-step sampler uses;
-* ``b`` stage-2 length and learning rate (0, 60, 150, 300 iterations at lr 1e-5; 60 and 150 at 1e-4);
-* ``c`` the reward phase (the recipe's ``shapes-reward`` hinge) on top of stage 2, and in place of half of it;
-* ``d`` the guidance the student bakes in: sampling the students with extra CFG, and stage 2 with the teacher
-  at w = 2 or 6 instead of 4 (stage 1 and the LCM baseline use 4).
+* ``b`` stage-2 length and learning rate (0, 60, 150, 300 iterations at lr 1e-5; 60 and 150 at 1e-4),
+  and the 2-segment stage 2 at lr 1e-4 (60, 150 iterations);
+* ``c`` the reward phase (the recipe's ``shapes-reward`` hinge) after the 2-segment stage 2;
+* ``d`` the guidance the student bakes in: sampling the students with extra CFG, and the 2-segment stage 2
+  with the teacher at w = 2 instead of 4 (stage 1 and the LCM baseline use 4).
 
 Rows are written after every student, so an interrupted study resumes where it stopped (students already
 trained are reused from ``--run-dir``).
@@ -71,36 +72,39 @@ VARIANTS = [
         {"stage2": {"num_segments": 2, "sample_steps": 2}},
     ),
     Variant(
-        "s2-60+reward-50",
+        "s2-60-2seg-lr1e-4",
+        "a",
+        "stage 2 60 it on the 2-segment grid at lr 1e-4",
+        60,
+        "stage1-only",
+        {"stage2": {"num_segments": 2, "sample_steps": 2, "lr": 1e-4}},
+    ),
+    Variant(
+        "s2-150-2seg-lr1e-4",
+        "a",
+        "stage 2 150 it on the 2-segment grid at lr 1e-4",
+        150,
+        "s2-60-2seg-lr1e-4",
+        {"stage2": {"num_segments": 2, "sample_steps": 2, "lr": 1e-4}},
+    ),
+    Variant(
+        "s2-60-2seg-lr1e-4+reward-50",
         "c",
-        "stage 2 60 it, then the recipe's reward phase (50 it, shapes-reward hinge)",
+        "the 2-segment lr 1e-4 stage 2, then the recipe's reward phase (50 it, shapes-reward hinge, q=2)",
         60,
-        "s2-60",
-        {"reward": REWARD},
+        "s2-60-2seg-lr1e-4",
+        {
+            "stage2": {"num_segments": 2, "sample_steps": 2, "lr": 1e-4},
+            "reward": {**REWARD, "sample_steps": 2},
+        },
     ),
     Variant(
-        "s2-30+reward-30",
-        "c",
-        "stage 2 30 it, then reward 30 it (same 260-iteration budget)",
-        30,
-        "stage1-only",
-        {"reward": {**REWARD, "iterations": 30}},
-    ),
-    Variant(
-        "s2-60-w6",
+        "s2-60-2seg-lr1e-4-w2",
         "d",
-        "stage 2 60 it with the teacher at w=6",
+        "the 2-segment lr 1e-4 stage 2 with the teacher at w=2 instead of 4",
         60,
         "stage1-only",
-        {"distill": {"guidance_scale": 6.0}},
-    ),
-    Variant(
-        "s2-60-w2",
-        "d",
-        "stage 2 60 it with the teacher at w=2",
-        60,
-        "stage1-only",
-        {"distill": {"guidance_scale": 2.0}},
+        {"stage2": {"num_segments": 2, "sample_steps": 2, "lr": 1e-4}, "distill": {"guidance_scale": 2.0}},
     ),
     Variant(
         "lcm-260", "baseline", "single-segment LCM, 260 it (the benchmark's LCM)", 60, single_segment=True
