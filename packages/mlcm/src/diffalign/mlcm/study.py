@@ -58,7 +58,13 @@ REWARD = {
 
 VARIANTS = [
     Variant("stage1-only", "b", "stage 1 only (200), no stage 2", 0),
-    Variant("s2-60", "base", "benchmark MLCM: stage 2 60 it at lr 1e-5", 60, "stage1-only"),
+    Variant(
+        "s2-60",
+        "base",
+        "stage 2 60 it at lr 1e-5 (the benchmark's MLCM before this study)",
+        60,
+        "stage1-only",
+    ),
     Variant("s2-150", "b", "stage 2 150 it at lr 1e-5", 150, "s2-60"),
     Variant("s2-300", "b", "stage 2 300 it at lr 1e-5", 300, "s2-150"),
     Variant("s2-60-lr1e-4", "b", "stage 2 60 it at lr 1e-4", 60, "stage1-only", {"stage2": {"lr": 1e-4}}),
