@@ -119,6 +119,7 @@ VARIANTS = [
 
 TWO_STEP_GRID = (749, 624, 499, 374, 249, 124)  # second timestep of a 2-step sample on the 8-segment grid
 GUIDANCE_PROBE = (1.5, 2.0)  # CFG applied to the student at sampling time
+SWEPT = ("stage1-only", "s2-60", "s2-150-lr1e-4", "lcm-260")  # students that get the sampler-only rows
 
 
 def recipe_for(v: Variant, model: str, run_dir: Path, seed: int, stage2_base: int = 60):
@@ -245,7 +246,7 @@ def main(argv=None) -> dict:
             pipe = student_pipeline(args.model, result.student_dir, sampler)
             add_row(v.name, sampler, [999, 749, 499, 124], 0.0, pipe)
             add_row(v.name, sampler, [999, 499], 0.0, pipe)
-            if v.name in ("stage1-only", "s2-60", "lcm-260"):
+            if v.name in SWEPT:
                 for t in TWO_STEP_GRID:
                     add_row(v.name, sampler, [999, t], 0.0, pipe)
                 for w in GUIDANCE_PROBE:
