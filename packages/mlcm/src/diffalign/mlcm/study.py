@@ -113,7 +113,11 @@ VARIANTS = [
         {"stage2": {"num_segments": 2, "sample_steps": 2, "lr": 1e-4}, "distill": {"guidance_scale": 2.0}},
     ),
     Variant(
-        "lcm-260", "baseline", "single-segment LCM, 260 it (the benchmark's LCM)", 60, single_segment=True
+        "lcm-260",
+        "baseline",
+        "single-segment LCM, 260 it (the benchmark's LCM before this study)",
+        60,
+        single_segment=True,
     ),
 ]
 
