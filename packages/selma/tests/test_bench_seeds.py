@@ -95,3 +95,30 @@ def test_cache_keeps_results_only_for_the_same_settings(tmp_path):
     assert again.results == {"expert:count": _res(1, 2)}
     assert again.data["timings"]["train"] == {"wall_s": 2.0, "cpu_s": 1.0}
     assert Cache(path, {"steps": 200}).results == {}  # other settings: evaluated afresh
+
+
+def test_training_data_points_score_each_skill_on_its_own_images(tmp_path):
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from diffalign.selma.bench import training_data_points
+
+    (tmp_path / "images").mkdir()
+    lines = []
+    # object images are white, count images black, and one grey count image: per skill, not pooled
+    for i, (skill, grey) in enumerate([("object", 255), ("count", 0), ("object", 255), ("count", 51)]):
+        Image.new("RGB", (4, 4), (grey, grey, grey)).save(tmp_path / "images" / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"images/{i}.png", "text": f"p{i}", "skill": skill}))
+    (tmp_path / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    seen = []
+
+    def brightness(images, prompts):  # a stand-in verifier: mean brightness in [0, 1]
+        seen.append(list(prompts))
+        return SimpleNamespace(overall=float((images.mean() + 1) / 2))
+
+    pts = training_data_points(tmp_path, SKILLS, brightness)
+    assert pts["object"] == pytest.approx(100.0)
+    assert pts["count"] == pytest.approx(100 * (0 + 51 / 255) / 2, abs=1e-4)
+    assert pts["mean"] == pytest.approx((pts["object"] + pts["count"]) / 2)
+    assert seen == [["p0", "p2"], ["p1", "p3"]]  # each skill's images with their own captions

@@ -291,6 +291,30 @@ def _slug(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "model"
 
 
+def training_data_points(folder: Path, skills: list[str], faithfulness_fn) -> dict:
+    """Faithfulness points of the generated training images per skill and their mean over skills: what an
+    expert trained on them can learn at best, beside the base's score on the held-out prompts."""
+    from PIL import Image
+
+    from diffalign.selma.images import read_imagefolder, to_pixels
+
+    out = {}
+    for skill in skills:
+        recs = read_imagefolder(folder, [skill])
+        images = to_pixels([Image.open(r["path"]) for r in recs])
+        out[skill] = 100 * float(faithfulness_fn(images, [r["text"] for r in recs]).overall)
+    out["mean"] = statistics.fmean(out[s] for s in skills)
+    return out
+
+
+def _data_quality(cfg, cache: Cache, faithfulness_fn) -> None:
+    if faithfulness_fn is None or "training_data_points" in cache.data:
+        return
+    skills = [s.name for s in cfg.skills]
+    cache.data["training_data_points"] = training_data_points(cfg.path("images"), skills, faithfulness_fn)
+    cache.save()
+
+
 def _eval_missing(cfg, cache: Cache, models: list[str], fid_fn, log) -> None:
     from diffalign.selma.stages import stage_eval
 
@@ -315,7 +339,7 @@ def _train_seed(cfg, cache: Cache, mixed: bool, log) -> None:
 def main(argv: list[str] | None = None) -> dict:
     from diffalign.core.report import write_json
     from diffalign.core.shapes.evaluate import protocol
-    from diffalign.selma.evaluate import shapes_fid_fn
+    from diffalign.selma.evaluate import shapes_faithfulness_fn, shapes_fid_fn
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench/results/selma.json")
@@ -374,6 +398,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0, c0 = time.time(), time.process_time()
     run = Path(args.run_dir) / _slug(args.model) / ("quick" if args.quick else "full")
     fid_fn = None if (args.no_fid or args.faithfulness == "none") else shapes_fid_fn()
+    faith_fn = shapes_faithfulness_fn() if args.faithfulness == "shapes" else None
     log = print
     method0 = args.merges[0]
     models = [f"expert:{s}" for s in args.skills] + [f"merged:{m}" for m in args.merges]
@@ -436,6 +461,18 @@ def main(argv: list[str] | None = None) -> dict:
                 for s, res in per_seed.items()
                 if base
             },
+            "training_data_points": {
+                **{
+                    f"seed_{s}": c.data["training_data_points"]
+                    for s, c in caches.items()
+                    if "training_data_points" in c.data
+                },
+                **{
+                    f"weak seed_{s}": c.data["training_data_points"]
+                    for s, c in wcaches.items()
+                    if "training_data_points" in c.data
+                },
+            },
             "weak_to_strong": _weak_summary(args, base, per_seed, weak, method0),
             "timings_s": {
                 **timings,
@@ -453,10 +490,12 @@ def main(argv: list[str] | None = None) -> dict:
     _eval_missing(first, base_cache, ["base"], fid_fn, log)
     for s in seeds:
         _train_seed(cfgs[s], caches[s], mixed=not args.no_mixed, log=log)
+        _data_quality(cfgs[s], caches[s], faith_fn)
         _eval_missing(cfgs[s], caches[s], models, fid_fn, log)
         report(complete=False)
     for s in weak_seeds:
         _train_seed(wcfgs[s], wcaches[s], mixed=False, log=log)
+        _data_quality(wcfgs[s], wcaches[s], faith_fn)
         _eval_missing(wcfgs[s], wcaches[s], [f"merged:{method0}"], fid_fn, log)
         report(complete=False)
     out = report(complete=True)
