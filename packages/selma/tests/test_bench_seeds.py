@@ -122,3 +122,16 @@ def test_training_data_points_score_each_skill_on_its_own_images(tmp_path):
     assert pts["count"] == pytest.approx(100 * (0 + 51 / 255) / 2, abs=1e-4)
     assert pts["mean"] == pytest.approx((pts["object"] + pts["count"]) / 2)
     assert seen == [["p0", "p2"], ["p1", "p3"]]  # each skill's images with their own captions
+
+
+def test_training_seeds_default_to_three_and_follow_the_flags():
+    from diffalign.selma.bench import training_seeds
+
+    assert training_seeds(None, None, quick=False) == [
+        0,
+        1,
+        2,
+    ]  # `python -m diffalign.selma.bench` = the table
+    assert training_seeds(None, None, quick=True) == [0]
+    assert training_seeds(None, 5, quick=False) == [5]
+    assert training_seeds([2, 0, 2], 5, quick=False) == [2, 0]

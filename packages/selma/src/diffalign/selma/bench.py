@@ -1,6 +1,6 @@
 """SELMA benchmark on the shapes world (DESIGN section 6).
 
-``python -m diffalign.selma.bench --out bench/results/selma.json --model shapes/unet-web --seeds 0 1 2``
+``python -m diffalign.selma.bench --out bench/results/selma.json --model shapes/unet-web --seeds 0 1 2`` (the defaults)
 
 On core's held-out prompts of every skill (``diffalign.core.shapes.evaluate``: 25 per skill by default,
 one noise generator per prompt), with the same prompts and noise for every model, for each training seed:
@@ -39,6 +39,15 @@ from diffalign.selma.config import SelmaConfig
 MERGES = ("linear", "ties", "dare_linear")
 
 
+def training_seeds(seeds: list[int] | None, seed: int | None, quick: bool) -> list[int]:
+    """``--seeds`` (repeats dropped), else ``--seed``, else 0 1 2 (quick: 0)."""
+    if seeds:
+        return list(dict.fromkeys(seeds))
+    if seed is not None:
+        return [seed]
+    return [0] if quick else [0, 1, 2]
+
+
 def bench_config(
     args, run_dir: Path, seed: int | None = None, weak: bool = False, model: str | None = None
 ) -> SelmaConfig:
@@ -64,7 +73,7 @@ def bench_config(
     return SelmaConfig.model_validate(
         {
             "run_dir": str(run_dir),
-            "seed": args.seed if seed is None else seed,
+            "seed": (args.seed or 0) if seed is None else seed,
             "model": model or args.model,
             "skills": [{"name": s, "max_words": 16} for s in args.skills],
             # at Rouge-L 0.8 the grammar has ~29 distinct 'object' prompts: more data comes from images per prompt
@@ -346,8 +355,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="small budgets (minutes)")
     ap.add_argument("--model", default="shapes/unet-web", help="base model id or folder")
     ap.add_argument("--run-dir", default="bench/tmp/selma")
-    ap.add_argument("--seed", type=int, default=0, help="the training seed when --seeds is not given")
-    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: --seed)")
+    ap.add_argument("--seed", type=int, default=None, help="one training seed (same as --seeds N)")
+    ap.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="training seeds (default 0 1 2; quick: 0)"
+    )
     ap.add_argument("--skills", nargs="+", default=["object", "count", "color", "spatial"])
     ap.add_argument("--sample-steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=4.0, help="CFG of the evaluation samples")
@@ -392,7 +403,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="keep only generated training images whose shapes-faithfulness is >= THRESHOLD (an extension)",
     )
     args = ap.parse_args(argv)
-    seeds = list(dict.fromkeys(args.seeds if args.seeds else [args.seed]))
+    seeds = training_seeds(args.seeds, args.seed, args.quick)
     weak_seeds = [] if args.no_weak else (seeds[:1] if args.weak_seeds is None else args.weak_seeds)
 
     t0, c0 = time.time(), time.process_time()
