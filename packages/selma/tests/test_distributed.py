@@ -62,7 +62,7 @@ def test_two_process_accelerate_images_match_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_smoke_on_a_tiny_model(tmp_path):
+def test_bench_smoke_on_a_tiny_model(tmp_path, monkeypatch):
     import json
 
     from diffalign.core.rewards import register_reward
@@ -79,47 +79,59 @@ def test_bench_smoke_on_a_tiny_model(tmp_path):
     model = tmp_path / "tiny-sd"
     tiny_sd_pipeline().save_pretrained(model)
     out = tmp_path / "selma.json"
-    bench.main(
-        [
-            "--quick",
-            "--model",
-            str(model),
-            "--faithfulness",
-            "none",
-            "--reward",
-            "selma-smoke-mean",
-            "--skills",
-            "count",
-            "color",
-            "--run-dir",
-            str(tmp_path / "b"),
-            "--out",
-            str(out),
-            "--sample-steps",
-            "2",
-            "--weak-steps",
-            "1",
-            "--prompts-per-skill",
-            "4",
-            "--images-per-prompt",
-            "1",
-            "--train-steps",
-            "2",
-            "--eval-per-skill",
-            "2",
-        ]
-    )
-    res = json.loads(out.read_text())
-    assert set(res["results"]) == {
-        "base",
-        "mixed",
-        "expert:count",
-        "expert:color",
-        "merged:linear",
-        "merged:ties",
-        "merged:dare_linear",
-    }
-    assert res["weak_to_strong"]["merged_linear"]["rewards"]["selma-smoke-mean"]["per_skill"].keys() == {
+    argv = [
+        "--quick",
+        "--model",
+        str(model),
+        "--faithfulness",
+        "none",
+        "--reward",
+        "selma-smoke-mean",
+        "--skills",
         "count",
         "color",
+        "--run-dir",
+        str(tmp_path / "b"),
+        "--out",
+        str(out),
+        "--sample-steps",
+        "2",
+        "--weak-steps",
+        "1",
+        "--prompts-per-skill",
+        "4",
+        "--images-per-prompt",
+        "1",
+        "--train-steps",
+        "2",
+        "--eval-per-skill",
+        "2",
+        "--seeds",
+        "0",
+        "1",
+        "--loss-weighting",
+        "none",
+    ]
+    bench.main(argv)
+    res = json.loads(out.read_text())
+    assert res["complete"] and res["seeds"] == "0,1"
+    models = {(r["model"], r["seed"]) for r in res["rows"]}
+    per_seed = {"expert:count", "expert:color", "merged:linear", "mixed", "mixed:matched:linear"}
+    assert models == {("base", "-")} | {(m, s) for m in per_seed for s in (0, 1)} | {
+        ("weak-to-strong merged:linear", 0)
     }
+    assert all("selma-smoke-mean" in r for r in res["rows"])
+    # the two seeds trained different experts (prompts, images, batches and LoRA init all follow the seed)
+    a, b = (
+        (tmp_path / "b" / "tiny-sd" / "quick" / f"self-s{s}" / "experts" / "count").glob("*.safetensors")
+        for s in (0, 1)
+    )
+    assert next(a).read_bytes() != next(b).read_bytes()
+    # a rerun evaluates nothing again: every model comes from the cache
+    before = out.read_text()
+    calls = []
+    monkeypatch.setattr("diffalign.selma.stages.stage_eval", lambda *a, **k: calls.append(1) or {})
+    bench.main(argv)
+    assert calls == []
+    after = json.loads(out.read_text())
+    assert after["rows"] == json.loads(before)["rows"]

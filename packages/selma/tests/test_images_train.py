@@ -246,6 +246,23 @@ def test_resume_matches_uninterrupted(sd_images, tmp_path, monkeypatch):
     assert not torch.allclose(other.layers[name][1], full.layers[name][1])  # the seed matters
 
 
+def test_lora_init_depends_on_the_run_seed_not_on_the_global_rng(sd_images, tmp_path):
+    from diffalign.core.testing import tiny_sd_pipeline
+
+    recs = I.read_imagefolder(sd_images)
+
+    def first_a(seed: int, global_seed: int, name: str) -> torch.Tensor:
+        torch.manual_seed(global_seed)  # whatever ran before in the process
+        out = train_lora(
+            tiny_sd_pipeline(), recs, tmp_path / name, _tcfg(steps=1), seed=seed, log=lambda *_: None
+        )
+        return next(iter(load_adapter(out).layers.values()))[0]
+
+    a = first_a(0, 1, "a")
+    torch.testing.assert_close(first_a(0, 2, "b"), a)  # same run seed: same init, whatever the global RNG
+    assert not torch.allclose(first_a(1, 1, "c"), a)  # another run seed: another init
+
+
 @pytest.mark.parametrize("factory", ["tiny_sdxl_pipeline", "tiny_pixart_pipeline"])
 def test_architecture_coverage_train_step_and_sampling(factory, sd_images, tmp_path):
     import diffalign.core.testing as testing

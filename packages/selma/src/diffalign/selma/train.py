@@ -38,6 +38,11 @@ def _micro_batch_seed(seed: int, micro_batch: int) -> int:
     return int(hashlib.sha256(f"selma-train:{seed}:{micro_batch}:0:0".encode()).hexdigest()[:15], 16)
 
 
+def init_seed(seed: int) -> int:
+    """The torch seed of the LoRA initialisation of a run seeded ``seed``."""
+    return int(hashlib.sha256(f"selma-lora-init:{seed}".encode()).hexdigest()[:15], 16)
+
+
 def batch_indices(seed: int, counter: int, batch_size: int, n: int) -> list[int]:
     """Indices ``counter .. counter+batch_size-1`` of an endless stream of seeded epoch permutations."""
     out = []
@@ -140,7 +145,10 @@ def train_lora(
     denoiser = den.model
     targets = tcfg.targets or default_targets(den.family)
     lcfg = make_lora_config(tcfg.rank, tcfg.alpha, targets, tcfg.init)
-    add_lora(denoiser, lcfg)
+    # the LoRA initialisation depends on the run's seed only, not on what used the global RNG before
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed(seed))
+        add_lora(denoiser, lcfg)
     params = [p for p in denoiser.parameters() if p.requires_grad]
     for p in params:  # LoRA weights train in float32 even when the frozen model is half precision
         p.data = p.data.float()
