@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: `diffalign --help` must not pay for it
+    import torch
 
 __all__ = [
     "ArchitectureSpec",
@@ -274,6 +275,8 @@ def load_pipeline(
 
     path = resolve_model_path(source)
     cls = pipeline_class or DiffusionPipeline
+    import torch
+
     kwargs.setdefault("torch_dtype", dtype if dtype is not None else torch.float32)
     if (path / "model_index.json").is_file():
         kwargs = {**_pipeline_models(path, kwargs["torch_dtype"], skip=set(kwargs)), **kwargs}
@@ -289,6 +292,8 @@ def _load_component(source, subfolder, cls, dtype, device):
     sub = path / subfolder if subfolder and (path / subfolder).is_dir() else path
     if not (sub / "config.json").exists():
         raise ModelNotFoundError(f"{source}: no {subfolder or 'model'} config.json under {path}")
+    import torch
+
     model = _from_pretrained_checked(cls, sub, str(sub), torch_dtype=dtype or torch.float32)
     return model.to(device) if device is not None else model
 

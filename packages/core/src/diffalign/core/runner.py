@@ -52,10 +52,10 @@ from .config import (
     load_config,
     resolve_recipe,
 )
+from .errors import CheckpointError, NonFiniteError
 from .launch import ProcessCountError, build_command, launched_world_size, process_rank, started_by_launcher
 from .models import ModelNotFoundError, resolve_model_path
 from .rundir import ResumeMode, RunDirError, prepare_run_dir
-from .training import CheckpointError, NonFiniteError
 
 __all__ = [
     "AllowChangedOption",

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import CheckpointError, NonFiniteError
+
 __all__ = [
     "seed_everything",
     "capture_rng_state",
@@ -80,10 +82,6 @@ def _as_tuple(value: Any) -> Any:
     if isinstance(value, list):
         return tuple(_as_tuple(v) for v in value)
     return value
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be read: truncated, corrupt, or not a checkpoint."""
 
 
 _STEP_RE = re.compile(r"^step_(\d+)\.pt$")
@@ -259,10 +257,6 @@ class EMA:
         self.num_updates = state["num_updates"]
         for key, value in state["shadow"].items():
             self.shadow[key].copy_(value)
-
-
-class NonFiniteError(FloatingPointError):
-    """A loss, gradient or parameter became NaN or infinite; the last good checkpoint is kept."""
 
 
 def check_finite(value: Any, step: int, what: str = "loss") -> None:
