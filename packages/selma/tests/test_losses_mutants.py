@@ -26,3 +26,47 @@ def test_half_precision_prediction_gives_a_float32_loss():
     loss = diffusion_loss(pred, target)
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(2**-18, rel=1e-6)
+
+
+def test_weighted_loss_is_the_mean_of_weighted_per_sample_mse():
+    gen = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(3, 2, 4, 4, generator=gen), torch.randn(3, 2, 4, 4, generator=gen)
+    weights = torch.tensor([0.5, 2.0, 1.25])
+    reference = sum(float(w) * float(((p - t) ** 2).mean()) for w, p, t in zip(weights, pred, target)) / 3
+    assert diffusion_loss(pred, target, weights).item() == pytest.approx(reference, rel=1e-6)
+    # negative controls: dropping the weights, or summing instead of averaging, is a different number
+    assert diffusion_loss(pred, target).item() != pytest.approx(reference, rel=1e-3)
+    assert 3 * reference != pytest.approx(reference, rel=1e-3)
+    with pytest.raises(ValueError, match="weights shape"):
+        diffusion_loss(pred, target, torch.ones(2))
+
+
+def test_teacher_loss_weights_are_min_snr_clamped_over_snr_plus_one():
+    from diffalign.selma.losses import loss_weights
+
+    alphas = torch.tensor([0.999, 0.9, 0.5, 0.2, 0.0])
+    t = torch.tensor([0, 1, 2, 3, 4])
+    got = loss_weights(alphas, t, "teacher", clamp=5.0)
+    # by hand: SNR = a / (1 - a) -> 999, 9, 1, 0.25, 0; weight = min(max(SNR, 1), 5) / (SNR + 1)
+    expected = torch.tensor([5 / 1000, 5 / 10, 1 / 2, 1 / 1.25, 1.0])
+    assert torch.allclose(got, expected, rtol=1e-4)
+    assert got.dtype == torch.float32
+    # the timesteps index the schedule: reversed timesteps give the reversed weights, not the same ones
+    assert torch.allclose(loss_weights(alphas, t.flip(0), "teacher"), expected.flip(0), rtol=1e-4)
+    assert loss_weights(alphas, t, "none") is None
+    with pytest.raises(ValueError, match="unknown loss weighting"):
+        loss_weights(alphas, t, "snr")
+
+
+def test_drop_captions_drops_at_the_rate_and_only_to_empty():
+    from diffalign.selma.losses import drop_captions
+
+    prompts = [f"prompt {i}" for i in range(4000)]
+    out = drop_captions(prompts, 0.1, torch.Generator().manual_seed(0))
+    dropped = sum(o == "" for o in out)
+    assert 0.085 * len(prompts) < dropped < 0.115 * len(prompts)
+    assert all(o in ("", p) for o, p in zip(out, prompts))
+    assert drop_captions(prompts, 0.0, torch.Generator()) == prompts
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="caption dropout"):
+            drop_captions(prompts, bad, torch.Generator())
