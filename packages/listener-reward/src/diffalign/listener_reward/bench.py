@@ -304,6 +304,14 @@ def _train_log_summary(history: Path) -> dict | None:
     return {"logged_rows": len(rows), "summary": summary}
 
 
+def listener_choices(listener, pairs, reasonings: list[str] | None = None) -> np.ndarray:
+    """The image (1 or 2) the listener puts its answer on for each pair, given ``reasonings`` (default: none,
+    so it judges from the images alone)."""
+    reasonings = [""] * len(pairs) if reasonings is None else reasonings
+    probs = listener.probabilities([p.prompt for p in pairs], [p.images() for p in pairs], reasonings)
+    return (probs[:, 1] > probs[:, 0]).long().numpy() + 1
+
+
 class GateError(RuntimeError):
     """A model the benchmark builds on cannot do what the later stages assume (see :func:`check_gates`)."""
 
@@ -325,16 +333,11 @@ def check_gates(dirs: dict, pairs, cfg: ListenerRewardRecipe, enforce: bool = Tr
     base = caption_accuracy(model, processor, n=120, seed=WORLD_SEED, image_size=cfg.data.image_size)
     model, processor = load_vlm_and_processor(dirs["listener"])
     listener = LocalListener(model, processor, cfg.prompts, batch_size=32)
-    prompts, images = [p.prompt for p in pairs], [p.images() for p in pairs]
     truth = np.array([1 if p.faithful[0] else 2 for p in pairs])
     labels = np.array([p.label for p in pairs])
-
-    def choices(reasonings):
-        probs = listener.probabilities(prompts, images, reasonings)
-        return (probs[:, 1] > probs[:, 0]).long().numpy() + 1
-
-    follows = float((choices([oracle_reasoning(p.faithful, p.descriptions) for p in pairs]) == truth).mean())
-    alone = choices([""] * len(pairs))
+    oracle = [oracle_reasoning(p.faithful, p.descriptions) for p in pairs]
+    follows = float((listener_choices(listener, pairs, oracle) == truth).mean())
+    alone = listener_choices(listener, pairs)
     gates = {
         "reasoner_base_caption": base,
         "listener_follows_reasoning": follows,
@@ -500,10 +503,7 @@ def run(
     # reference points: the listener alone (empty reasoning) and the annotators' agreement with the truth
     reference: dict = {}
     for split, pairs in eval_pairs.items():
-        probs = listener.probabilities(
-            [p.prompt for p in pairs], [p.images() for p in pairs], [""] * len(pairs)
-        )
-        choice = (probs[:, 1] > probs[:, 0]).long().numpy() + 1
+        choice = listener_choices(listener, pairs)
         labels = np.array([p.label for p in pairs])
         truth = np.array([1 if p.faithful[0] else 2 for p in pairs])
         reference[split] = {
