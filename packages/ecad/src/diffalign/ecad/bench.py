@@ -81,6 +81,7 @@ def bench_recipe(args) -> EcadRecipe:
                 "seed": 0,
                 "num_threads": 1,
                 "seed_builtin_recordings": not quick,
+                **({} if args.reward_tolerance is None else {"reward_tolerance": args.reward_tolerance}),
             },
         }
     )
@@ -106,6 +107,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--calibration-seeds", type=int, default=None, help="default 2; quick 1")
     ap.add_argument("--validation-prompts", type=int, default=None, help="default 32 (x2 seeds); quick 8")
     ap.add_argument("--heldout-per-skill", type=int, default=None, help="core eval_prompts(n); 24; quick 2")
+    ap.add_argument(
+        "--reward-tolerance",
+        type=float,
+        default=None,
+        help="search constraint: calibration reward >= no cache - this (default: the recipe's 0.02)",
+    )
     ap.add_argument("--repeats", type=int, default=None, help="timing repeats (default 7; quick 2)")
     return ap
 
