@@ -45,6 +45,13 @@ MODULES = {
     "di_star.losses": ("di-star", "src/diffalign/di_star/losses.py"),
     "ecad.cost": ("ecad", "src/diffalign/ecad/cost.py"),
 }
+# tests of a module's functions that live in another test file (pytest node ids), run after the module's own
+EXTRA_TESTS = {
+    # ranking_changes is checked against a brute-force pairwise count beside the sampled-evaluation tests
+    "listener_reward.rewards": [
+        "packages/listener-reward/tests/test_sampled_eval.py::test_ranking_changes_brute_force"
+    ],
+}
 # cosmic-ray operators left out, with the reason: each would multiply the mutant count without testing
 # anything a number check can see.
 EXCLUDED_OPERATORS = [
@@ -82,6 +89,20 @@ _AFTER_CHECK = (
 )
 for _line in (146, 159, 208):
     EQUIVALENT[("di_star.losses", _line, 'if distance <= "l2":')] = _AFTER_CHECK
+EQUIVALENT[("selma.losses", 50, "if rate <= 0:")] = (
+    "the check on line 48 has already rejected every rate below 0 (and NaN), so for each rate that reaches "
+    "this line rate <= 0 and rate == 0 are the same test"
+)
+EQUIVALENT[
+    (
+        "listener_reward.rewards",
+        40,
+        "return [1.0 if extract_answer(completion_text(c)) is int(y) else 0.0 for c, y in zip(completions, label)]",
+    )
+] = (
+    "extract_answer returns only 1, 2 (parsed from the one-digit pattern [12]) or None, and CPython keeps a "
+    "single object for each small int, so `is` and `==` agree for every value that reaches this comparison"
+)
 ANNOTATION = re.compile(r"(:\s*[\w.\[\], ]+\|\s*[\w.\[\]]+\s*[=,)]|->\s*[\w.\[\], ]+\|)")
 
 
@@ -104,10 +125,14 @@ def equivalent_reason(name: str, entry: dict) -> str | None:
     return None
 
 
-def module_tests(package: str, module_file: str) -> list[str]:
+def module_tests(name: str) -> list[str]:
+    """The module's test files, the ``*_mutants.py`` ones first: they hold the quick pure-function checks, so
+    with ``pytest -x`` most mutants die before the slower fixtures (a tiny VLM, tiny pipelines) are built."""
+    package, module_file = MODULES[name]
     stem = Path(module_file).stem
-    tests = sorted((ROOT / "packages" / package / "tests").glob(f"test_{stem}*.py"))
-    return [str(p.relative_to(ROOT)) for p in tests]
+    tests = (ROOT / "packages" / package / "tests").glob(f"test_{stem}*.py")
+    ordered = sorted(tests, key=lambda p: (not p.stem.endswith("_mutants"), p.name))
+    return [str(p.relative_to(ROOT)) for p in ordered] + EXTRA_TESTS.get(name, [])
 
 
 def prepare(name: str, package: str, module_file: str) -> Path:
@@ -119,7 +144,7 @@ def prepare(name: str, package: str, module_file: str) -> Path:
         shutil.rmtree(dst)
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "runs", ".pytest_cache"))
     shutil.copy2(ROOT / "pyproject.toml", work / "pyproject.toml")
-    tests = module_tests(package, module_file)
+    tests = module_tests(name)
     if not tests:
         raise SystemExit(f"error: no tests named packages/{package}/tests/test_{Path(module_file).stem}*.py")
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o", "addopts=", *tests]
@@ -250,22 +275,46 @@ def read_session(name: str) -> dict | None:
         counts["first_pass"] = json.loads(first.read_text())
     return {
         "module": f"packages/{package}/{module_file}",
-        "tests": module_tests(package, module_file),
+        "tests": module_tests(name),
         **counts,
         "survivors": survivors,
         "equivalent_mutants": equivalent,
     }
 
 
+def _kept_rows(path: Path, have: dict) -> dict:
+    """Modules of an earlier report at ``path`` whose session is no longer on disk, each with ``as_of`` (when
+    it was measured): a report is merged, never shrunk because a scratch folder was cleaned."""
+    if not path.exists():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+    except ValueError:
+        return {}
+    generated = str(old.get("generated", ""))
+    earlier = re.search(r"earlier modules as of ([^;()]+)", generated)
+    default = earlier.group(1).strip() if earlier else generated.split(" (")[0]
+    kept = {}
+    for name, module in (old.get("modules") or {}).items():
+        if name in MODULES and have.get(name) is None:
+            kept[name] = {**module, "as_of": module.get("as_of", default)}
+    return kept
+
+
 def write_report(path: Path) -> dict:
+    now = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     modules = {name: read_session(name) for name in MODULES}
+    for name in modules:
+        if modules[name] is not None:
+            modules[name]["as_of"] = now
+    modules.update(_kept_rows(path, modules))
     result = {
         "package": "mutation",
         "tool": "cosmic-ray " + _version(),
         "what": "kill rate = (killed + incompetent) / (mutants run - equivalent); each module against its own "
         "tests only; operators excluded: " + "; ".join(EXCLUDED_OPERATORS),
         "command": "make mutation  (python tools/mutation.py)",
-        "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "generated": now,
         "summary": [
             {
                 "module": name,
@@ -276,6 +325,7 @@ def write_report(path: Path) -> dict:
                 "pending": m["pending"],
                 "kill rate": m["kill_rate"],
                 "kill rate, first pass": (m.get("first_pass") or {}).get("kill_rate", m["kill_rate"]),
+                "as of": m["as_of"],
             }
             for name, m in modules.items()
             if m is not None
@@ -307,6 +357,8 @@ def render_markdown(result: dict) -> str:
         "survivors). Kill rate = killed / (mutants run - equivalent); a mutant that crashes or hangs the tests",
         "counts as killed. *First pass* is the rate before the `*_mutants.py` tests were run against the survivors",
         "(`python tools/mutation.py --retest-survivors`). Pending mutants were not run yet (the run resumes).",
+        "*As of* is when a row was measured: a module whose session (`.mutation/<module>/`) is gone keeps the row",
+        "of the earlier report instead of losing it.",
         "",
         "Operators left out: "
         + "; ".join(f"`{op}`" for op in EXCLUDED_OPERATORS)

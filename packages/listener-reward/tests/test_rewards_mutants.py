@@ -134,3 +134,69 @@ def test_make_listener_backend_choices():
     assert isinstance(backend, HTTPListener) and backend.url == "http://h/x" and backend.timeout_s == 3.0
     with pytest.raises(ValueError, match="needs the listener model and processor"):
         make_listener_backend(RewardConfig(), PromptsConfig())
+
+
+def test_listener_reward_logs_rank_changes_per_group_by_hand():
+    # two groups of two, weights (format, accuracy, listener) = (1, 0.5, 2); labels 1, 1 | 1, 1
+    # group 1: GOOD1, GOOD1 -> base 1.5, 1.5 (a tie); listener 0.7 vs 0.3 breaks it: changed, not flipped
+    # group 2: GOOD1, GOOD2 -> base 1.5 > 1.0; listener 0.1 vs 0.9 -> shaped 1.7 < 2.8: changed and flipped
+    backend = FixedBackend([[0.7, 0.3], [0.3, 0.7], [0.1, 0.9], [0.9, 0.1]])
+    logged = []
+    reward = ListenerReward(backend, group_size=2, weights=(1.0, 0.5, 2.0))
+    kwargs = dict(label=[1, 1, 1, 1], images=[("a", "b")] * 4, t2i_prompt=["p"] * 4)
+    out = reward([GOOD1, GOOD1, GOOD1, GOOD2], log_metric=lambda *a: logged.append(a), **kwargs)
+    assert out == pytest.approx([0.7, 0.3, 0.1, 0.9])
+    # answers 1, 1, 1, 2 vs listener argmax 1, 2, 2, 1: three contradictions in four
+    assert logged == [
+        ("listener_disagreement", pytest.approx(0.75)),
+        ("listener_rank_change", 1.0),
+        ("listener_rank_flip", 0.5),
+    ]
+    # a batch that is not whole groups logs no ranking (nor does a term without a group size)
+    for size, n in ((3, 4), (None, 4), (2, 3)):
+        logged.clear()
+        ListenerReward(FixedBackend([[0.7, 0.3]] * n), group_size=size, weights=(1.0, 0.5, 2.0))(
+            [GOOD1] * n,
+            label=[1] * n,
+            images=[("a", "b")] * n,
+            t2i_prompt=["p"] * n,
+            log_metric=lambda *a: logged.append(a),
+        )
+        assert [name for name, _ in logged] == ["listener_disagreement"]
+    # whole groups of another count still log: four groups of one, eight in groups of two
+    for size, n in ((1, 4), (2, 8)):
+        logged.clear()
+        ListenerReward(FixedBackend([[0.7, 0.3]] * n), group_size=size)(
+            [GOOD1] * n,
+            label=[1] * n,
+            images=[("a", "b")] * n,
+            t2i_prompt=["p"] * n,
+            log_metric=lambda *a: logged.append(a),
+        )
+        assert [name for name, _ in logged][1:] == ["listener_rank_change", "listener_rank_flip"]
+
+
+def test_ranking_changes_a_tie_made_is_a_change_not_a_flip():
+    from diffalign.listener_reward.rewards import ranking_changes
+
+    # base orders the pair strictly, the shaped rewards tie it: changed, but no strict pair is reversed
+    assert ranking_changes([1.0, 0.5], [1.0, 1.0], 2) == {"changed": 1.0, "flipped": 0.0, "groups": 1}
+    assert ranking_changes([0.5, 1.0], [1.0, 1.0], 2) == {"changed": 1.0, "flipped": 0.0, "groups": 1}
+    # three groups: one flipped, one tie made, one unchanged
+    got = ranking_changes([2.0, 1.0, 2.0, 1.0, 2.0, 1.0], [1.0, 2.0, 1.0, 1.0, 3.0, 1.0], 2)
+    assert got == {"changed": pytest.approx(2 / 3), "flipped": pytest.approx(1 / 3), "groups": 3}
+
+
+def test_ranking_changes_rejects_unequal_lengths_either_way_and_bad_group_sizes():
+    from diffalign.listener_reward.rewards import ranking_changes
+
+    for base, shaped, size in (
+        ([1.0, 2.0, 3.0, 4.0], [1.0, 2.0], 2),  # base longer
+        ([1.0, 2.0], [1.0, 2.0, 3.0, 4.0], 2),  # shaped longer
+        ([1.0, 2.0], [1.0, 2.0], 0),
+        ([1.0, 2.0], [1.0, 2.0], -1),
+        ([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], 2),  # not whole groups
+    ):
+        with pytest.raises(ValueError, match="equal length divisible"):
+            ranking_changes(base, shaped, size)
+    assert ranking_changes([1.0, 2.0], [2.0, 1.0], 1) == {"changed": 0.0, "flipped": 0.0, "groups": 2}
