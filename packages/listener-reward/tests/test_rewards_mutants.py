@@ -200,3 +200,68 @@ def test_ranking_changes_rejects_unequal_lengths_either_way_and_bad_group_sizes(
         with pytest.raises(ValueError, match="equal length divisible"):
             ranking_changes(base, shaped, size)
     assert ranking_changes([1.0, 2.0], [2.0, 1.0], 1) == {"changed": 0.0, "flipped": 0.0, "groups": 2}
+
+
+def test_combine_rewards_without_any_term_is_an_error():
+    with pytest.raises(ValueError, match="different lengths"):
+        combine_rewards({}, {})
+
+
+class _CharTokenizer:
+    unk_token_id = None
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(ch) for ch in text]
+
+
+class _Processor:
+    tokenizer = _CharTokenizer()
+
+
+def test_local_backend_is_built_from_the_recipe_and_frozen():
+    from diffalign.listener_reward.rewards import LocalListener
+
+    model = torch.nn.Linear(2, 2).train()
+    backend = make_listener_backend(RewardConfig(listener_batch_size=5), PromptsConfig(), model, _Processor())
+    assert isinstance(backend, LocalListener) and backend.batch_size == 5
+    assert backend.answer_ids == (ord("1"), ord("2"))
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    # built directly, the listener uses the same batch size default as the recipe
+    direct = LocalListener(torch.nn.Linear(2, 2), _Processor(), PromptsConfig())
+    assert direct.batch_size == RewardConfig().listener_batch_size
+    with pytest.raises(ValueError, match="needs the listener model and processor"):
+        make_listener_backend(RewardConfig(), PromptsConfig(), model=model)
+
+
+def test_listener_reward_default_weights_are_the_recipe_defaults():
+    # r = 1 * r_fmt + 0.5 * r_acc + 0.5 * r_list: the ranking log must weigh the terms as training does
+    cfg = RewardConfig()
+    assert ListenerReward(FixedBackend([[0.5, 0.5]])).weights == (
+        cfg.format_weight,
+        cfg.accuracy_weight,
+        cfg.listener_weight,
+    )
+    assert (cfg.format_weight, cfg.accuracy_weight, cfg.listener_weight) == (1.0, 0.5, 0.5)
+
+
+def test_listener_server_answers_a_post_without_content_length_with_an_error():
+    import http.client
+    import json
+    import threading
+
+    from diffalign.listener_reward.rewards import serve_listener
+
+    server = serve_listener(FixedBackend([[0.5, 0.5]]))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+        conn.putrequest("POST", "/")
+        conn.putheader("Content-Type", "application/json")
+        conn.endheaders()  # no body and no Content-Length: an empty request, not a wait for bytes
+        reply = conn.getresponse()
+        assert reply.status == 400 and "error" in json.loads(reply.read())
+        conn.close()
+    finally:
+        server.shutdown()
+        server.server_close()
