@@ -103,6 +103,15 @@ EQUIVALENT[
     "extract_answer returns only 1, 2 (parsed from the one-digit pattern [12]) or None, and CPython keeps a "
     "single object for each small int, so `is` and `==` agree for every value that reaches this comparison"
 )
+EQUIVALENT[("listener_reward.rewards", 245, 'if cfg.listener_backend is "http":')] = (
+    "RewardConfig.listener_backend is a Literal field: pydantic hands back the literal's own str object, so "
+    'for every validated config `is "http"` and `== "http"` agree (a non-interned "http" passed in comes '
+    "back as the literal's object)"
+)
+EQUIVALENT[("listener_reward.rewards", 232, "if self.group_size and len(texts) % self.group_size <= 0:")] = (
+    "group_size is None or a positive group count (GRPO's num_generations; ranking_changes rejects < 1), and "
+    "n % g is never negative for g > 0, so <= 0 and == 0 are the same test"
+)
 ANNOTATION = re.compile(r"(:\s*[\w.\[\], ]+\|\s*[\w.\[\]]+\s*[=,)]|->\s*[\w.\[\], ]+\|)")
 
 

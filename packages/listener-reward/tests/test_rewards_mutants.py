@@ -5,12 +5,14 @@ import pytest
 import torch
 
 from diffalign.listener_reward.config import PromptsConfig, RewardConfig
+from diffalign.listener_reward.prompts import extract_answer
 from diffalign.listener_reward.rewards import (
     HTTPListener,
     ListenerReward,
     accuracy_reward,
     combine_rewards,
     contradiction_rate,
+    format_reward,
     make_listener_backend,
 )
 
@@ -122,7 +124,8 @@ def test_http_listener_rejects_wrongly_shaped_replies(monkeypatch):
     probs = listener.probabilities(["a red square"], [(image, image)], ["image 1 : match ."])
     assert probs.tolist() == [[pytest.approx(0.2), pytest.approx(0.8)]]
     assert seen["timeout"] == 7.5 and seen["items"][0]["prompt"] == "a red square"
-    for bad in ([[0.2, 0.8], [0.5, 0.5]], [[0.2, 0.3, 0.5]]):
+    # too many rows or columns, and too few of either
+    for bad in ([[0.2, 0.8], [0.5, 0.5]], [[0.2, 0.3, 0.5]], [[0.7]], []):
         replies["probs"] = bad
         with pytest.raises(ValueError, match="listener server returned probs of shape"):
             listener.probabilities(["a red square"], [(image, image)], ["r"])
@@ -265,3 +268,49 @@ def test_listener_server_answers_a_post_without_content_length_with_an_error():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_listener_reward_rank_log_matches_a_brute_force_pairwise_count():
+    import random
+
+    # completions whose format reward and parsed answer are known: (text, well formed, answer)
+    kinds = [
+        (GOOD1, 1.0, 1),
+        (GOOD2, 1.0, 2),
+        ("image 1 maybe", 0.0, None),
+        ("<answer> 2 </answer>", 0.0, 2),  # an answer without the reasoning block
+    ]
+    texts = [k[0] for k in kinds]
+    assert format_reward(texts) == [k[1] for k in kinds]
+    assert [extract_answer(t) for t in texts] == [k[2] for k in kinds]
+    rng = random.Random(0)
+    for trial in range(40):
+        group, groups = rng.choice((2, 3, 4)), rng.choice((1, 2, 3))
+        n = group * groups
+        picks = [rng.choice(kinds) for _ in range(n)]
+        labels = [rng.choice((1, 2)) for _ in range(n)]
+        p1 = [rng.choice((0.0, 0.25, 0.5, 0.75, 1.0)) for _ in range(n)]
+        weights = rng.choice(((1.0, 0.5, 0.5), (1.0, 0.5, 2.0), (0.5, 2.0, 1.0), (2.0, 1.0, 3.0)))
+        logged = {}
+        ListenerReward(FixedBackend([[p, 1 - p] for p in p1]), group_size=group, weights=weights)(
+            [k[0] for k in picks],
+            label=labels,
+            images=[("a", "b")] * n,
+            t2i_prompt=["p"] * n,
+            log_metric=logged.__setitem__,
+        )
+        base = [weights[0] * k[1] + weights[1] * (k[2] == y) for k, y in zip(picks, labels)]
+        listener = [p if y == 1 else 1 - p for p, y in zip(p1, labels)]
+        shaped = [b + weights[2] * r for b, r in zip(base, listener)]
+
+        def sign(x):
+            return (x > 0) - (x < 0)
+
+        changed = flipped = 0
+        for g in range(groups):
+            idx = range(g * group, (g + 1) * group)
+            pairs = [(i, j) for i in idx for j in idx]
+            changed += any(sign(base[i] - base[j]) != sign(shaped[i] - shaped[j]) for i, j in pairs)
+            flipped += any(sign(base[i] - base[j]) * sign(shaped[i] - shaped[j]) < 0 for i, j in pairs)
+        assert logged["listener_rank_change"] == pytest.approx(changed / groups), trial
+        assert logged["listener_rank_flip"] == pytest.approx(flipped / groups), trial
