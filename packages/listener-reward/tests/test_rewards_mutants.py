@@ -314,3 +314,20 @@ def test_listener_reward_rank_log_matches_a_brute_force_pairwise_count():
             flipped += any(sign(base[i] - base[j]) * sign(shaped[i] - shaped[j]) < 0 for i, j in pairs)
         assert logged["listener_rank_change"] == pytest.approx(changed / groups), trial
         assert logged["listener_rank_flip"] == pytest.approx(flipped / groups), trial
+
+
+def test_http_listener_default_timeout_is_the_recipe_default():
+    assert HTTPListener("http://h/x").timeout_s == RewardConfig().listener_timeout_s == 60.0
+
+
+def test_listener_servers_take_a_free_port_by_default():
+    from diffalign.listener_reward.rewards import serve_listener
+
+    servers = [serve_listener(FixedBackend([[0.5, 0.5]])) for _ in range(2)]
+    try:
+        ports = [s.server_address[1] for s in servers]
+        assert ports[0] != ports[1] and min(ports) >= 1024  # two ephemeral ports, none fixed
+        assert all(s.server_address[0] == "127.0.0.1" for s in servers)
+    finally:
+        for s in servers:
+            s.server_close()
