@@ -112,6 +112,30 @@ EQUIVALENT[("listener_reward.rewards", 232, "if self.group_size and len(texts) %
     "group_size is None or a positive group count (GRPO's num_generations; ranking_changes rejects < 1), and "
     "n % g is never negative for g > 0, so <= 0 and == 0 are the same test"
 )
+EQUIVALENT[("listener_reward.rewards", 245, 'if cfg.listener_backend <= "http":')] = (
+    "RewardConfig.listener_backend is the Literal 'local' or 'http'; of those only 'http' is <= 'http'"
+)
+_NAN_TEST = (
+    "the reward terms are floats (NaN for a missing one): x == x, x <= x and x >= x are all false exactly "
+    "when x is NaN, infinities included"
+)
+for _op in (">=", "<="):
+    EQUIVALENT[("listener_reward.rewards", 55, f"if value {_op} value:  # skip NaN")] = _NAN_TEST
+EQUIVALENT[
+    (
+        "listener_reward.rewards",
+        72,
+        "disagree = sum(int(listener_choice[i]) is not reasoner_choices[i] for i in valid)",
+    )
+] = (
+    "both sides are the ints 1 or 2 (the listener's int() of 1/2, and the reasoner choices kept by `c in (1, 2)`"
+    ", which every caller fills from extract_answer); CPython keeps one object per small int, so `is not` "
+    "and `!=` agree"
+)
+EQUIVALENT[("listener_reward.rewards", 227, "rewards = probs.gather(1, labels[:, None]).squeeze( 0)")] = (
+    "gather gives [N, 1]; squeeze(0) leaves it [N, 1] (or [1] for N = 1) and every later use turns each row "
+    "into a number with float(), so the returned rewards and the logged rank changes are the same"
+)
 ANNOTATION = re.compile(r"(:\s*[\w.\[\], ]+\|\s*[\w.\[\]]+\s*[=,)]|->\s*[\w.\[\], ]+\|)")
 
 

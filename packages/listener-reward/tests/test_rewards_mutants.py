@@ -331,3 +331,48 @@ def test_listener_servers_take_a_free_port_by_default():
     finally:
         for s in servers:
             s.server_close()
+
+
+def test_accuracy_reward_takes_batches_of_any_size():
+    # lengths above 256 are distinct int objects in CPython: the length check must compare values
+    n = 300
+    assert accuracy_reward([GOOD1, GOOD2] * (n // 2), label=[1, 1] * (n // 2)) == [1.0, 0.0] * (n // 2)
+
+
+def test_listener_server_answers_a_valid_request_with_200_and_the_probabilities():
+    import http.client
+    import json
+    import threading
+
+    from PIL import Image
+
+    from diffalign.listener_reward.rewards import _png_b64, serve_listener
+
+    backend = FixedBackend([[0.25, 0.75]])
+    server = serve_listener(backend)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        image = Image.new("RGB", (4, 4), (0, 0, 255))
+        item = {
+            "prompt": "a blue square",
+            "reasoning": "r",
+            "image1": _png_b64(image),
+            "image2": _png_b64(image),
+        }
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+        conn.request(
+            "POST", "/", body=json.dumps({"items": [item]}), headers={"Content-Type": "application/json"}
+        )
+        reply = conn.getresponse()
+        assert reply.status == 200 and json.loads(reply.read()) == {"probs": [[0.25, 0.75]]}
+        conn.close()
+        prompts, images, reasonings = backend.calls[0]
+        assert (
+            prompts == ["a blue square"]
+            and reasonings == ["r"]
+            and images[0][1].getpixel((0, 0)) == (0, 0, 255)
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
