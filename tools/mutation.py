@@ -137,6 +137,19 @@ EQUIVALENT[("listener_reward.rewards", 227, "rewards = probs.gather(1, labels[:,
     "gather gives [N, 1]; squeeze(0) leaves it [N, 1] (or [1] for N = 1) and every later use turns each row "
     "into a number with float(), so the returned rewards and the logged rank changes are the same"
 )
+EQUIVALENT[("ecad.cost", 209, "return hits[ -1] if hits else 0")] = (
+    "more than one hit raises on the line above, so hits holds exactly one value where it is indexed"
+)
+EQUIVALENT[
+    (
+        "ecad.cost",
+        335,
+        "inv_table, inv_overhead = _invariant_costs(transformer, arch, table.shape, lambda p: med.get(p, 1.0))",
+    )
+] = (
+    "every path step_invariant_modules yields was put into `paths` (and so into `med`) above, so the "
+    "default of med.get is never read"
+)
 ANNOTATION = re.compile(r"(:\s*[\w.\[\], ]+\|\s*[\w.\[\]]+\s*[=,)]|->\s*[\w.\[\], ]+\|)")
 
 

@@ -280,3 +280,43 @@ def test_measuring_a_pipeline_that_still_has_a_schedule_is_refused(pixart_pipe):
                 measure(pixart_pipe, kw)
     finally:
         remove_schedule(pixart_pipe)
+
+
+def test_a_cost_model_fits_a_schedule_whose_names_were_read_from_a_file():
+    import json
+
+    model = CostModel.from_dict(json.loads(json.dumps(_model().to_dict())))
+    arch = "".join(["pix", "art"])  # equal to, but not the same object as, the literal in the schedule
+    model.architecture = arch
+    sched = no_cache("pixart", 4, (2,))
+    assert model.flops(sched) == 4 * 166.0
+    with pytest.raises(ScheduleError, match="cost model is for"):
+        model.flops(no_cache("dit", 4, (2,)))
+
+
+def test_invariant_overhead_defaults_to_zero():
+    table = torch.tensor([[10.0, 20.0, 30.0], [1.0, 2.0, 3.0]], dtype=torch.float64)
+    inv = torch.tensor([[0.0, 4.0, 0.0], [0.0, 0.5, 0.0]], dtype=torch.float64)
+    model = CostModel("pixart", (2,), table, 100.0, 1, inv)
+    assert model.invariant_overhead_flops == 0.0
+    # all-recompute over 3 steps: the overhead every step, the caption-only 4.5 once
+    assert model.flops(no_cache("pixart", 3, (2,))) == 3 * 166.0 - 2 * 4.5
+
+
+def test_latency_of_a_component_that_never_runs_is_zero(pixart_pipe, monkeypatch):
+    from diffalign.ecad.cost import measure_latency_model
+    from diffalign.ecad.sampling import pipeline_call_kwargs
+
+    tr = pixart_pipe.transformer
+    # block 1 passes its input through: none of its sub-modules is called
+    monkeypatch.setattr(tr.transformer_blocks[1], "forward", lambda hidden_states, *a, **k: hidden_states)
+    kw = pipeline_call_kwargs(pixart_pipe, ["a red circle"], [0], 3, 4.5, 16, 16)
+    ticks, handles = _ticking_transformer(tr, [1.0] * 8)
+    try:
+        cm = measure_latency_model(pixart_pipe, kw, repeats=2, clock=lambda: ticks[0])
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(cm.component_flops[1], torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(cm.invariant_component_flops[1], torch.zeros(3, dtype=torch.float64))
+    assert cm.component_flops[0, 0] == _linear_sum(tr.transformer_blocks[0].attn1)
