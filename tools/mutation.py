@@ -253,10 +253,12 @@ def run_module(name: str, deadline: float | None) -> None:
 
 
 def reset_survivors(name: str) -> int:
-    """Record the current survivors in ``first_pass.json`` (once) and mark them pending again."""
-    report = read_session(name)
+    """Record the current survivors in ``first_pass.json`` (once) and mark them pending again; mutants listed
+    as equivalent keep their result (no test can kill them, so running them again only costs time)."""
+    report = read_session(name, with_jobs=True)
     if report is None:
         return 0
+    jobs = [entry.pop("job_id") for entry in report["survivors"]]
     first = SCRATCH / name / "first_pass.json"
     if not first.exists():
         keep = {
@@ -264,12 +266,17 @@ def reset_survivors(name: str) -> int:
         }
         first.write_text(json.dumps({**keep, "survivors": report["survivors"]}, indent=1) + "\n")
     with sqlite3.connect(SCRATCH / name / "session.sqlite") as db:
-        n = db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'").rowcount
+        n = sum(
+            db.execute(
+                "DELETE FROM work_results WHERE test_outcome = 'SURVIVED' AND job_id = ?", (job,)
+            ).rowcount
+            for job in jobs
+        )
     print(f"{name}: {n} survivors marked pending", flush=True)
     return n
 
 
-def read_session(name: str) -> dict | None:
+def read_session(name: str, with_jobs: bool = False) -> dict | None:
     """Counts and survivors of one module's session (``cosmic-ray dump``: one JSON pair per line)."""
     work = SCRATCH / name
     if not (work / "session.sqlite").exists():
@@ -292,6 +299,7 @@ def read_session(name: str) -> dict | None:
             continue
         outcome = result.get("test_outcome")
         entry = {
+            **({"job_id": item["job_id"]} if with_jobs else {}),
             "line": mutation["start_pos"][0],
             "operator": mutation["operator_name"],
             "occurrence": mutation["occurrence"],
