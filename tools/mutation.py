@@ -150,6 +150,12 @@ EQUIVALENT[
     "every path step_invariant_modules yields was put into `paths` (and so into `med`) above, so the "
     "default of med.get is never read"
 )
+for _op in ("<", ">"):
+    EQUIVALENT[("listener_reward.rewards", 90, f"changed = (sa {_op} sb).flatten(1).any(1)")] = (
+        "sa and sb are antisymmetric sign matrices (entry j, i is minus entry i, j), so wherever they differ at "
+        "(i, j), one of (i, j) and (j, i) has sa < sb and the other sa > sb: any() over all pairs is the same "
+        "(the rewards are probabilities and 0/1 terms, never NaN, for which sign() would not be antisymmetric)"
+    )
 ANNOTATION = re.compile(r"(:\s*[\w.\[\], ]+\|\s*[\w.\[\]]+\s*[=,)]|->\s*[\w.\[\], ]+\|)")
 
 

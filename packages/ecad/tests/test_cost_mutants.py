@@ -301,6 +301,9 @@ def test_invariant_overhead_defaults_to_zero():
     assert model.invariant_overhead_flops == 0.0
     # all-recompute over 3 steps: the overhead every step, the caption-only 4.5 once
     assert model.flops(no_cache("pixart", 3, (2,))) == 3 * 166.0 - 2 * 4.5
+    # the same default in the sum itself
+    eff = no_cache("pixart", 3, (2,)).effective()
+    assert schedule_flops(eff, table, 100.0, 1, inv) == 3 * 166.0 - 2 * 4.5
 
 
 def test_latency_of_a_component_that_never_runs_is_zero(pixart_pipe, monkeypatch):
