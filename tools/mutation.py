@@ -343,6 +343,14 @@ def read_session(name: str, with_jobs: bool = False) -> dict | None:
     }
 
 
+# what a reader must know about a row kept from an earlier report (shown only while its session is gone)
+KEPT_NOTES = {
+    "di_star.losses": "measured on an earlier losses.py (before the prediction-type conversions moved to core; "
+    "the equivalents' line numbers are re-keyed for the current file); `--only di_star.losses --fresh` "
+    "measures the current one",
+}
+
+
 def _kept_rows(path: Path, have: dict) -> dict:
     """Modules of an earlier report at ``path`` whose session is no longer on disk, each with ``as_of`` (when
     it was measured): a report is merged, never shrunk because a scratch folder was cleaned."""
@@ -358,7 +366,7 @@ def _kept_rows(path: Path, have: dict) -> dict:
     kept = {}
     for name, module in (old.get("modules") or {}).items():
         if name in MODULES and have.get(name) is None:
-            kept[name] = {**module, "as_of": module.get("as_of", default)}
+            kept[name] = {**module, "as_of": module.get("as_of", default), "kept": True}
     return kept
 
 
@@ -368,6 +376,7 @@ def write_report(path: Path) -> dict:
     for name in modules:
         if modules[name] is not None:
             modules[name]["as_of"] = now
+            modules[name]["kept"] = False
     modules.update(_kept_rows(path, modules))
     result = {
         "package": "mutation",
@@ -428,6 +437,12 @@ def render_markdown(result: dict) -> str:
         "",
         markdown_table(result["summary"]) if result["summary"] else "(no sessions yet)\n",
     ]
+    kept = [(name, m) for name, m in result["modules"].items() if m.get("kept")]
+    for name, module in kept:
+        note = KEPT_NOTES.get(name, "its session is gone")
+        lines.append(f"- {name}: kept from the report of {module['as_of']}: {note}.")
+    if kept:
+        lines.append("")
     for name, module in result["modules"].items():
         if module["equivalent_mutants"]:
             lines += [f"## {name}: equivalent mutants", ""]
