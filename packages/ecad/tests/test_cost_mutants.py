@@ -22,6 +22,10 @@ def test_schedule_flops_brute_force_with_calls_per_step():
         schedule_flops(effective, torch.ones(2, 3, dtype=torch.float64), 1.0)
     with pytest.raises(ScheduleError, match="does not match the cost table"):
         schedule_flops(effective, torch.ones(3, 2, dtype=torch.float64), 1.0)
+    # tables that would broadcast against the [steps, 2, 2] schedule are refused too
+    for shape in ((2, 1), (1, 2), (1, 1)):
+        with pytest.raises(ScheduleError, match="does not match the cost table"):
+            schedule_flops(effective, torch.ones(shape, dtype=torch.float64), 1.0)
 
 
 def _model(calls_per_step=1):
@@ -165,7 +169,7 @@ def test_capture_transformer_call_returns_the_first_call_and_calls_per_step():
         pipe = _CountingPipe(per_step)
         kw = {"prompt": "x", "num_inference_steps": 20, "output_type": "pil"}
         args, kwargs, calls = capture_transformer_call(pipe, kw)
-        assert calls == per_step
+        assert calls == per_step and isinstance(calls, int)  # a count (it is saved as calls_per_step)
         assert torch.equal(args[0], torch.zeros(1, 2)) and kwargs == {}  # the first call: step 0, call 0
         assert pipe.seen == {"prompt": "x", "num_inference_steps": 2, "output_type": "latent"}
         assert kw["num_inference_steps"] == 20 and kw["output_type"] == "pil"  # the caller's dict is kept
