@@ -140,16 +140,25 @@ EQUIVALENT[("listener_reward.rewards", 227, "rewards = probs.gather(1, labels[:,
 EQUIVALENT[("ecad.cost", 209, "return hits[ -1] if hits else 0")] = (
     "more than one hit raises on the line above, so hits holds exactly one value where it is indexed"
 )
+for _default in ("1.0", "-1.0"):
+    EQUIVALENT[
+        (
+            "ecad.cost",
+            335,
+            "inv_table, inv_overhead = _invariant_costs(transformer, arch, table.shape, "
+            f"lambda p: med.get(p, {_default}))",
+        )
+    ] = (
+        "every path step_invariant_modules yields was put into `paths` (and so into `med`) above, so the "
+        "default of med.get is never read"
+    )
 EQUIVALENT[
     (
         "ecad.cost",
-        335,
-        "inv_table, inv_overhead = _invariant_costs(transformer, arch, table.shape, lambda p: med.get(p, 1.0))",
+        159,
+        'path.write_text(json.dumps(self.to_dict(), indent= 0) + "\\n", encoding="utf-8")',
     )
-] = (
-    "every path step_invariant_modules yields was put into `paths` (and so into `med`) above, so the "
-    "default of med.get is never read"
-)
+] = "the indent changes only whitespace in the saved JSON: json.loads and from_dict read the same cost model"
 for _op in ("<", ">"):
     EQUIVALENT[("listener_reward.rewards", 90, f"changed = (sa {_op} sb).flatten(1).any(1)")] = (
         "sa and sb are antisymmetric sign matrices (entry j, i is minus entry i, j), so wherever they differ at "

@@ -327,3 +327,46 @@ def test_latency_of_a_component_that_never_runs_is_zero(pixart_pipe, monkeypatch
     assert torch.equal(cm.component_flops[1], torch.zeros(3, dtype=torch.float64))
     assert torch.equal(cm.invariant_component_flops[1], torch.zeros(3, dtype=torch.float64))
     assert cm.component_flops[0, 0] == _linear_sum(tr.transformer_blocks[0].attn1)
+
+
+def test_cost_model_checks_the_architecture_both_ways_and_defaults_to_one_call_per_step():
+    table = torch.tensor([[10.0, 20.0, 30.0], [1.0, 2.0, 3.0]], dtype=torch.float64)
+    model = CostModel("dit", (2,), table, 100.0)
+    assert model.calls_per_step == 1
+    # "pixart" sorts after "dit", "dit" before "pixart": both mismatches are refused
+    with pytest.raises(ScheduleError, match="cost model is for"):
+        model.flops(no_cache("pixart", 4, (2,)))
+    with pytest.raises(ScheduleError, match="cost model is for"):
+        _model().flops(no_cache("dit", 4, (2,)))
+
+
+def test_module_flops_matches_names_by_value_only():
+    path = "".join(["transformer_blocks.0", ".ff"])  # built, so not the same object as a literal key
+    assert _module_flops({"transformer_blocks.0.ff": 3}, path) == 3
+    # a name that sorts after the path is not a hit
+    assert _module_flops({"zeta.block": 1, "A.x.ff": 3}, "x.ff") == 3
+    assert _module_flops({"zeta.block": 1}, "x.ff") == 0
+
+
+def test_cost_model_from_one_call_counts_one_call_per_step_by_default(pixart_pipe):
+    from diffalign.ecad.cost import capture_transformer_call, cost_model_from_call
+    from diffalign.ecad.sampling import pipeline_call_kwargs
+
+    kw = pipeline_call_kwargs(pixart_pipe, ["a red circle"], [0], 2, 4.5, 16, 16)
+    args, kwargs, _ = capture_transformer_call(pixart_pipe, kw)
+    cm = cost_model_from_call(pixart_pipe.transformer, args, kwargs)
+    with torch.no_grad():
+        _, total, _ = count_flops(pixart_pipe.transformer, *args, **kwargs)
+    assert cm.calls_per_step == 1
+    assert cm.no_cache_flops(3) == 3 * total
+
+
+def test_latency_measurement_leaves_no_hooks_behind(pixart_pipe):
+    from diffalign.ecad.cost import measure_latency_model
+    from diffalign.ecad.sampling import pipeline_call_kwargs
+
+    tr = pixart_pipe.transformer
+    before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in tr.modules())
+    kw = pipeline_call_kwargs(pixart_pipe, ["a red circle"], [0], 2, 4.5, 16, 16)
+    measure_latency_model(pixart_pipe, kw, repeats=1)
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in tr.modules()) == before
