@@ -152,13 +152,14 @@ for _default in ("1.0", "-1.0"):
         "every path step_invariant_modules yields was put into `paths` (and so into `med`) above, so the "
         "default of med.get is never read"
     )
-EQUIVALENT[
-    (
-        "ecad.cost",
-        159,
-        'path.write_text(json.dumps(self.to_dict(), indent= 0) + "\\n", encoding="utf-8")',
-    )
-] = "the indent changes only whitespace in the saved JSON: json.loads and from_dict read the same cost model"
+for _indent in (0, 2):
+    EQUIVALENT[
+        (
+            "ecad.cost",
+            159,
+            f'path.write_text(json.dumps(self.to_dict(), indent= {_indent}) + "\\n", encoding="utf-8")',
+        )
+    ] = "the indent changes only whitespace in the saved JSON: json.loads and from_dict read the same cost model"
 for _op in ("<", ">"):
     EQUIVALENT[("listener_reward.rewards", 90, f"changed = (sa {_op} sb).flatten(1).any(1)")] = (
         "sa and sb are antisymmetric sign matrices (entry j, i is minus entry i, j), so wherever they differ at "

@@ -338,6 +338,10 @@ def test_cost_model_checks_the_architecture_both_ways_and_defaults_to_one_call_p
         model.flops(no_cache("pixart", 4, (2,)))
     with pytest.raises(ScheduleError, match="cost model is for"):
         _model().flops(no_cache("dit", 4, (2,)))
+    # group sizes on either side of the model's (2,) are refused by the same check
+    for sizes in ((1,), (3,)):
+        with pytest.raises(ScheduleError, match="cost model is for"):
+            _model().flops(no_cache("pixart", 4, sizes))
 
 
 def test_module_flops_matches_names_by_value_only():
