@@ -3,7 +3,8 @@
 
 For every module below, cosmic-ray mutates one operator, number, comparison or keyword at a time and runs the
 module's own tests (``packages/<pkg>/tests/test_<module>*.py``, which includes the ``*_mutants.py`` files
-written to kill mutants). A mutant the tests fail on is *killed*; one they pass on *survived*.
+written to kill mutants, run first, plus the tests of its functions that live elsewhere, ``EXTRA_TESTS``).
+A mutant the tests fail on is *killed*; one they pass on *survived*.
 
 The mutants are applied in a scratch copy (``.mutation/<module>/``: the package and the root pytest config),
 never in the working tree; the tests import the copy first through ``PYTHONPATH``. Each module's session is a
@@ -45,6 +46,13 @@ MODULES = {
     "di_star.losses": ("di-star", "src/diffalign/di_star/losses.py"),
     "ecad.cost": ("ecad", "src/diffalign/ecad/cost.py"),
 }
+# tests of a module's functions that live in another test file (pytest node ids), run after the module's own
+EXTRA_TESTS = {
+    # ranking_changes is checked against a brute-force pairwise count beside the sampled-evaluation tests
+    "listener_reward.rewards": [
+        "packages/listener-reward/tests/test_sampled_eval.py::test_ranking_changes_brute_force"
+    ],
+}
 # cosmic-ray operators left out, with the reason: each would multiply the mutant count without testing
 # anything a number check can see.
 EXCLUDED_OPERATORS = [
@@ -70,7 +78,7 @@ EQUIVALENT: dict[tuple[str, int, str], str] = {
     ),
     (
         "di_star.losses",
-        211,
+        170,
         "norm = torch.sqrt(_flat_sq_norm(diff) + (huber_c**2) * sig.flatten(1)[:, -1] ** 2)",
     ): "sig is expand_like(sigma) of shape [B, 1, ..., 1]: flatten(1) has one column, so [:, 0] and [:, -1] are the same",
 }
@@ -80,8 +88,84 @@ _AFTER_CHECK = (
     "_check_distance has already rejected every value but 'l2' and 'pseudo_huber' just above, and of those "
     "only 'l2' is <= 'l2'"
 )
-for _line in (146, 159, 208):
+for _line in (105, 118, 167):
     EQUIVALENT[("di_star.losses", _line, 'if distance <= "l2":')] = _AFTER_CHECK
+EQUIVALENT[("selma.losses", 50, "if rate <= 0:")] = (
+    "the check on line 48 has already rejected every rate below 0 (and NaN), so for each rate that reaches "
+    "this line rate <= 0 and rate == 0 are the same test"
+)
+EQUIVALENT[
+    (
+        "listener_reward.rewards",
+        40,
+        "return [1.0 if extract_answer(completion_text(c)) is int(y) else 0.0 for c, y in zip(completions, label)]",
+    )
+] = (
+    "extract_answer returns only 1, 2 (parsed from the one-digit pattern [12]) or None, and CPython keeps a "
+    "single object for each small int, so `is` and `==` agree for every value that reaches this comparison"
+)
+EQUIVALENT[("listener_reward.rewards", 245, 'if cfg.listener_backend is "http":')] = (
+    "RewardConfig.listener_backend is a Literal field: pydantic hands back the literal's own str object, so "
+    'for every validated config `is "http"` and `== "http"` agree (a non-interned "http" passed in comes '
+    "back as the literal's object)"
+)
+EQUIVALENT[("listener_reward.rewards", 232, "if self.group_size and len(texts) % self.group_size <= 0:")] = (
+    "group_size is None or a positive group count (GRPO's num_generations; ranking_changes rejects < 1), and "
+    "n % g is never negative for g > 0, so <= 0 and == 0 are the same test"
+)
+EQUIVALENT[("listener_reward.rewards", 245, 'if cfg.listener_backend <= "http":')] = (
+    "RewardConfig.listener_backend is the Literal 'local' or 'http'; of those only 'http' is <= 'http'"
+)
+_NAN_TEST = (
+    "the reward terms are floats (NaN for a missing one): x == x, x <= x and x >= x are all false exactly "
+    "when x is NaN, infinities included"
+)
+for _op in (">=", "<="):
+    EQUIVALENT[("listener_reward.rewards", 55, f"if value {_op} value:  # skip NaN")] = _NAN_TEST
+EQUIVALENT[
+    (
+        "listener_reward.rewards",
+        72,
+        "disagree = sum(int(listener_choice[i]) is not reasoner_choices[i] for i in valid)",
+    )
+] = (
+    "both sides are the ints 1 or 2 (the listener's int() of 1/2, and the reasoner choices kept by `c in (1, 2)`"
+    ", which every caller fills from extract_answer); CPython keeps one object per small int, so `is not` "
+    "and `!=` agree"
+)
+EQUIVALENT[("listener_reward.rewards", 227, "rewards = probs.gather(1, labels[:, None]).squeeze( 0)")] = (
+    "gather gives [N, 1]; squeeze(0) leaves it [N, 1] (or [1] for N = 1) and every later use turns each row "
+    "into a number with float(), so the returned rewards and the logged rank changes are the same"
+)
+EQUIVALENT[("ecad.cost", 209, "return hits[ -1] if hits else 0")] = (
+    "more than one hit raises on the line above, so hits holds exactly one value where it is indexed"
+)
+for _default in ("1.0", "-1.0"):
+    EQUIVALENT[
+        (
+            "ecad.cost",
+            335,
+            "inv_table, inv_overhead = _invariant_costs(transformer, arch, table.shape, "
+            f"lambda p: med.get(p, {_default}))",
+        )
+    ] = (
+        "every path step_invariant_modules yields was put into `paths` (and so into `med`) above, so the "
+        "default of med.get is never read"
+    )
+for _indent in (0, 2):
+    EQUIVALENT[
+        (
+            "ecad.cost",
+            159,
+            f'path.write_text(json.dumps(self.to_dict(), indent= {_indent}) + "\\n", encoding="utf-8")',
+        )
+    ] = "the indent changes only whitespace in the saved JSON: json.loads and from_dict read the same cost model"
+for _op in ("<", ">"):
+    EQUIVALENT[("listener_reward.rewards", 90, f"changed = (sa {_op} sb).flatten(1).any(1)")] = (
+        "sa and sb are antisymmetric sign matrices (entry j, i is minus entry i, j), so wherever they differ at "
+        "(i, j), one of (i, j) and (j, i) has sa < sb and the other sa > sb: any() over all pairs is the same "
+        "(the rewards are probabilities and 0/1 terms, never NaN, for which sign() would not be antisymmetric)"
+    )
 ANNOTATION = re.compile(r"(:\s*[\w.\[\], ]+\|\s*[\w.\[\]]+\s*[=,)]|->\s*[\w.\[\], ]+\|)")
 
 
@@ -104,10 +188,14 @@ def equivalent_reason(name: str, entry: dict) -> str | None:
     return None
 
 
-def module_tests(package: str, module_file: str) -> list[str]:
+def module_tests(name: str) -> list[str]:
+    """The module's test files, the ``*_mutants.py`` ones first: they hold the quick pure-function checks, so
+    with ``pytest -x`` most mutants die before the slower fixtures (a tiny VLM, tiny pipelines) are built."""
+    package, module_file = MODULES[name]
     stem = Path(module_file).stem
-    tests = sorted((ROOT / "packages" / package / "tests").glob(f"test_{stem}*.py"))
-    return [str(p.relative_to(ROOT)) for p in tests]
+    tests = (ROOT / "packages" / package / "tests").glob(f"test_{stem}*.py")
+    ordered = sorted(tests, key=lambda p: (not p.stem.endswith("_mutants"), p.name))
+    return [str(p.relative_to(ROOT)) for p in ordered] + EXTRA_TESTS.get(name, [])
 
 
 def prepare(name: str, package: str, module_file: str) -> Path:
@@ -119,7 +207,7 @@ def prepare(name: str, package: str, module_file: str) -> Path:
         shutil.rmtree(dst)
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "runs", ".pytest_cache"))
     shutil.copy2(ROOT / "pyproject.toml", work / "pyproject.toml")
-    tests = module_tests(package, module_file)
+    tests = module_tests(name)
     if not tests:
         raise SystemExit(f"error: no tests named packages/{package}/tests/test_{Path(module_file).stem}*.py")
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o", "addopts=", *tests]
@@ -181,10 +269,12 @@ def run_module(name: str, deadline: float | None) -> None:
 
 
 def reset_survivors(name: str) -> int:
-    """Record the current survivors in ``first_pass.json`` (once) and mark them pending again."""
-    report = read_session(name)
+    """Record the current survivors in ``first_pass.json`` (once) and mark them pending again; mutants listed
+    as equivalent keep their result (no test can kill them, so running them again only costs time)."""
+    report = read_session(name, with_jobs=True)
     if report is None:
         return 0
+    jobs = [entry.pop("job_id") for entry in report["survivors"]]
     first = SCRATCH / name / "first_pass.json"
     if not first.exists():
         keep = {
@@ -192,12 +282,17 @@ def reset_survivors(name: str) -> int:
         }
         first.write_text(json.dumps({**keep, "survivors": report["survivors"]}, indent=1) + "\n")
     with sqlite3.connect(SCRATCH / name / "session.sqlite") as db:
-        n = db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'").rowcount
+        n = sum(
+            db.execute(
+                "DELETE FROM work_results WHERE test_outcome = 'SURVIVED' AND job_id = ?", (job,)
+            ).rowcount
+            for job in jobs
+        )
     print(f"{name}: {n} survivors marked pending", flush=True)
     return n
 
 
-def read_session(name: str) -> dict | None:
+def read_session(name: str, with_jobs: bool = False) -> dict | None:
     """Counts and survivors of one module's session (``cosmic-ray dump``: one JSON pair per line)."""
     work = SCRATCH / name
     if not (work / "session.sqlite").exists():
@@ -220,6 +315,7 @@ def read_session(name: str) -> dict | None:
             continue
         outcome = result.get("test_outcome")
         entry = {
+            **({"job_id": item["job_id"]} if with_jobs else {}),
             "line": mutation["start_pos"][0],
             "operator": mutation["operator_name"],
             "occurrence": mutation["occurrence"],
@@ -250,22 +346,55 @@ def read_session(name: str) -> dict | None:
         counts["first_pass"] = json.loads(first.read_text())
     return {
         "module": f"packages/{package}/{module_file}",
-        "tests": module_tests(package, module_file),
+        "tests": module_tests(name),
         **counts,
         "survivors": survivors,
         "equivalent_mutants": equivalent,
     }
 
 
+# what a reader must know about a row kept from an earlier report (shown only while its session is gone)
+KEPT_NOTES = {
+    "di_star.losses": "measured on an earlier losses.py (before the prediction-type conversions moved to core; "
+    "the equivalents' line numbers are re-keyed for the current file); `--only di_star.losses --fresh` "
+    "measures the current one",
+}
+
+
+def _kept_rows(path: Path, have: dict) -> dict:
+    """Modules of an earlier report at ``path`` whose session is no longer on disk, each with ``as_of`` (when
+    it was measured): a report is merged, never shrunk because a scratch folder was cleaned."""
+    if not path.exists():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+    except ValueError:
+        return {}
+    generated = str(old.get("generated", ""))
+    earlier = re.search(r"earlier modules as of ([^;()]+)", generated)
+    default = earlier.group(1).strip() if earlier else generated.split(" (")[0]
+    kept = {}
+    for name, module in (old.get("modules") or {}).items():
+        if name in MODULES and have.get(name) is None:
+            kept[name] = {**module, "as_of": module.get("as_of", default), "kept": True}
+    return kept
+
+
 def write_report(path: Path) -> dict:
+    now = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     modules = {name: read_session(name) for name in MODULES}
+    for name in modules:
+        if modules[name] is not None:
+            modules[name]["as_of"] = now
+            modules[name]["kept"] = False
+    modules.update(_kept_rows(path, modules))
     result = {
         "package": "mutation",
         "tool": "cosmic-ray " + _version(),
         "what": "kill rate = (killed + incompetent) / (mutants run - equivalent); each module against its own "
         "tests only; operators excluded: " + "; ".join(EXCLUDED_OPERATORS),
         "command": "make mutation  (python tools/mutation.py)",
-        "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "generated": now,
         "summary": [
             {
                 "module": name,
@@ -276,6 +405,7 @@ def write_report(path: Path) -> dict:
                 "pending": m["pending"],
                 "kill rate": m["kill_rate"],
                 "kill rate, first pass": (m.get("first_pass") or {}).get("kill_rate", m["kill_rate"]),
+                "as of": m["as_of"],
             }
             for name, m in modules.items()
             if m is not None
@@ -304,9 +434,12 @@ def render_markdown(result: dict) -> str:
         f"Generated by `make mutation` ({result['tool']}) on {result['generated']}; numbers in "
         "`bench/results/mutation.json`. Each module is mutated one change at a time and tested with its own",
         "tests only (`packages/<pkg>/tests/test_<module>*.py`, including the `*_mutants.py` files written to kill",
-        "survivors). Kill rate = killed / (mutants run - equivalent); a mutant that crashes or hangs the tests",
+        "survivors, plus the tests of its functions kept in other files: `EXTRA_TESTS` in the tool).",
+        "Kill rate = killed / (mutants run - equivalent); a mutant that crashes or hangs the tests",
         "counts as killed. *First pass* is the rate before the `*_mutants.py` tests were run against the survivors",
         "(`python tools/mutation.py --retest-survivors`). Pending mutants were not run yet (the run resumes).",
+        "*As of* is when a row was measured: a module whose session (`.mutation/<module>/`) is gone keeps the row",
+        "of the earlier report instead of losing it.",
         "",
         "Operators left out: "
         + "; ".join(f"`{op}`" for op in EXCLUDED_OPERATORS)
@@ -314,6 +447,12 @@ def render_markdown(result: dict) -> str:
         "",
         markdown_table(result["summary"]) if result["summary"] else "(no sessions yet)\n",
     ]
+    kept = [(name, m) for name, m in result["modules"].items() if m.get("kept")]
+    for name, module in kept:
+        note = KEPT_NOTES.get(name, "its session is gone")
+        lines.append(f"- {name}: kept from the report of {module['as_of']}: {note}.")
+    if kept:
+        lines.append("")
     for name, module in result["modules"].items():
         if module["equivalent_mutants"]:
             lines += [f"## {name}: equivalent mutants", ""]

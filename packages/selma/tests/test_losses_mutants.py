@@ -70,3 +70,61 @@ def test_drop_captions_drops_at_the_rate_and_only_to_empty():
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match="caption dropout"):
             drop_captions(prompts, bad, torch.Generator())
+
+
+def test_weights_of_any_other_shape_than_the_batch_are_rejected():
+    pred, target = torch.zeros(3, 2, 4), torch.ones(3, 2, 4)
+    # longer, shorter and [B, 1] (which would broadcast to a [B, B] product and give a wrong mean)
+    for bad in (torch.ones(4), torch.ones(2), torch.ones(3, 1), torch.ones(1)):
+        with pytest.raises(ValueError, match="weights shape"):
+            diffusion_loss(pred, target, bad)
+
+
+def test_loss_weighting_accepts_exactly_none_and_teacher():
+    from diffalign.selma.losses import loss_weights
+
+    alphas, t = torch.tensor([0.9, 0.5]), torch.tensor([0, 1])
+    # names read from a config file are equal to, but not the same object as, the literals in the code
+    none, teacher = "".join(["no", "ne"]), "".join(["teach", "er"])
+    assert loss_weights(alphas, t, none) is None
+    assert torch.allclose(loss_weights(alphas, t, teacher), torch.tensor([5 / 10, 1 / 2]), rtol=1e-5)
+    # unknown names on both sides of "none" and "teacher" in string order
+    for bad in ("", "min_snr", "nonf", "snr", "uniform", "zero"):
+        with pytest.raises(ValueError, match="unknown loss weighting"):
+            loss_weights(alphas, t, bad)
+
+
+def test_drop_captions_at_rate_zero_leaves_the_generator_untouched():
+    # train.py draws the noise and the timesteps from the same generator right after the captions, so a
+    # draw here at rate 0 would change every later sample of a run without caption dropout
+    from diffalign.selma.losses import drop_captions
+
+    gen, ref = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    prompts = ["a", "b", "c"]
+    out = drop_captions(prompts, 0.0, gen)
+    assert out == prompts and out is not prompts
+    assert torch.equal(gen.get_state(), ref.get_state())
+    assert torch.equal(torch.rand(5, generator=gen), torch.rand(5, generator=ref))
+
+
+def test_drop_captions_rejects_rates_above_one():
+    from diffalign.selma.losses import drop_captions
+
+    for bad in (1.5, 2.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="caption dropout"):
+            drop_captions(["a"], bad, torch.Generator())
+
+
+def test_drop_captions_drops_where_the_uniform_draw_is_strictly_below_the_rate():
+    # P(u < rate) = rate exactly for torch.rand's float32 grid; u <= rate would drop one grid value more.
+    # With the rate set to a drawn value itself, that prompt must be kept and exactly the smaller ones dropped.
+    from diffalign.selma.losses import drop_captions
+
+    u = torch.rand(64, generator=torch.Generator().manual_seed(11))
+    rate = float(u[0])
+    assert 0.05 < rate < 0.95  # the seed gives a useful rate
+    prompts = [f"p{i}" for i in range(64)]
+    out = drop_captions(prompts, rate, torch.Generator().manual_seed(11))
+    expected = ["" if float(x) < rate else p for x, p in zip(u, prompts)]
+    assert out == expected and out[0] == "p0"
+    assert 0 < sum(o == "" for o in out) < 64
