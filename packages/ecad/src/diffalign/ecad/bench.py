@@ -78,7 +78,7 @@ def bench_recipe(args) -> EcadRecipe:
                 "population_size": pick(args.population, 8, 24),
                 "offspring": pick(args.offspring, 8, 16),
                 "generations": pick(args.generations, 2, 3),
-                "seed": 0,
+                "seed": args.search_seed,
                 "num_threads": 1,
                 "seed_builtin_recordings": not quick,
                 **({} if args.reward_tolerance is None else {"reward_tolerance": args.reward_tolerance}),
@@ -107,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--calibration-seeds", type=int, default=None, help="default 2; quick 1")
     ap.add_argument("--validation-prompts", type=int, default=None, help="default 32 (x2 seeds); quick 8")
     ap.add_argument("--heldout-per-skill", type=int, default=None, help="core eval_prompts(n); 24; quick 2")
+    ap.add_argument("--search-seed", type=int, default=0, help="seed of the NSGA-II search (default 0)")
     ap.add_argument(
         "--reward-tolerance",
         type=float,
