@@ -72,6 +72,18 @@ EXCLUDED_OPERATORS = [
 # (module, line, the mutated line as written) -> why the mutant cannot change any documented result; these are
 # reported apart, never counted as survivors.
 EQUIVALENT: dict[tuple[str, int, str], str] = {
+    (
+        "di_star.losses",
+        62,
+        'raise ValueError(f"per-sample values have batch {values.shape[ -1]}, tensor has {like.shape[0]}")',
+    ): (
+        "only the text of the error for a mismatched batch changes, and for expand_like's documented 1-D input "
+        "shape[0] and shape[-1] are the same number, so the text is the same"
+    ),
+    ("di_star.losses", 63, "return values.reshape(values.shape[ -1], *([1] * (like.ndim - 1)))"): (
+        "expand_like's documented input is a per-sample vector [B] (a scalar returns earlier): for a 1-D tensor "
+        "shape[0] and shape[-1] are the same number"
+    ),
     ("di_star.losses", 61, "if values.shape[ -1] != like.shape[0]:"): (
         "expand_like's documented input is a per-sample vector [B] (or a scalar, which returns before this "
         "line): for a 1-D tensor shape[0] and shape[-1] are the same number"
