@@ -374,3 +374,48 @@ def test_latency_measurement_leaves_no_hooks_behind(pixart_pipe):
     kw = pipeline_call_kwargs(pixart_pipe, ["a red circle"], [0], 2, 4.5, 16, 16)
     measure_latency_model(pixart_pipe, kw, repeats=1)
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in tr.modules()) == before
+
+
+def test_latency_clock_per_device_type():
+    # the default sync and clock of measure_latency_model, checked for every device type on a CPU machine:
+    # a torch.device("cuda") object needs no GPU
+    import time
+
+    from diffalign.ecad.cost import latency_clock
+
+    for device in (torch.device("cuda"), torch.device("cuda", 1)):
+        sync, clock = latency_clock(device)
+        assert sync is torch.cuda.synchronize
+        assert clock is time.perf_counter
+    sync, clock = latency_clock(torch.device("cpu"))
+    assert sync is not torch.cuda.synchronize and sync() is None
+    assert clock is time.thread_time
+    for device in (torch.device("meta"), torch.device("mps")):
+        sync, clock = latency_clock(device)
+        assert sync is not torch.cuda.synchronize and sync() is None
+        assert clock is time.perf_counter
+
+
+def test_latency_model_takes_its_defaults_from_the_transformers_device(pixart_pipe, monkeypatch):
+    import diffalign.ecad.cost as cost
+
+    seen = []
+    ticks = [0.0]
+
+    def fake(device):
+        seen.append(device)
+
+        def sync():
+            ticks[0] += 1.0
+
+        return sync, lambda: ticks[0]
+
+    from diffalign.ecad.sampling import pipeline_call_kwargs
+
+    monkeypatch.setattr(cost, "latency_clock", fake)
+    kw = pipeline_call_kwargs(pixart_pipe, ["a red circle"], [0], 2, 4.5, 16, 16)
+    cm = cost.measure_latency_model(pixart_pipe, kw, repeats=1)
+    assert seen == [next(pixart_pipe.transformer.parameters()).device]
+    # the clock only moves in the sync, so every component's time is the default sync's ticks
+    assert float(cm.component_flops.min()) >= 1.0
+    assert float(cm.component_flops.sum()) == int(cm.component_flops.sum())

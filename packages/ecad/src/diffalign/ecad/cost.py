@@ -256,6 +256,25 @@ def _invariant_costs(transformer, arch, shape, cost_of) -> tuple[torch.Tensor, f
     return inv_table, float(inv_overhead)
 
 
+def latency_clock(device: torch.device):
+    """The ``(device_sync, clock)`` pair :func:`measure_latency_model` uses on ``device`` by default.
+
+    CUDA: ``torch.cuda.synchronize`` and ``time.perf_counter`` (kernels run asynchronously, so the clock is
+    read after a sync). CPU: no sync and ``time.thread_time`` (this thread's CPU time, robust to other load).
+    Any other device: no sync and ``time.perf_counter``.
+    """
+    import time
+
+    def no_sync() -> None:
+        return None
+
+    if device.type == "cuda":
+        return torch.cuda.synchronize, time.perf_counter
+    if device.type == "cpu":
+        return no_sync, time.thread_time
+    return no_sync, time.perf_counter
+
+
 def measure_latency_model(
     pipe, call_kwargs: dict[str, Any], repeats: int = 3, device_sync=None, clock=None
 ) -> CostModel:
@@ -277,12 +296,9 @@ def measure_latency_model(
     transformer = pipe.transformer
     if get_schedule_state(pipe) is not None:
         raise ScheduleError("remove the caching schedule before measuring the latency model")
-    param = next(transformer.parameters())
-    on_cuda = param.device.type == "cuda"
-    if device_sync is None:
-        device_sync = torch.cuda.synchronize if on_cuda else (lambda: None)
-    if clock is None:
-        clock = time.perf_counter if param.device.type != "cpu" else time.thread_time
+    default_sync, default_clock = latency_clock(next(transformer.parameters()).device)
+    device_sync = default_sync if device_sync is None else device_sync
+    clock = default_clock if clock is None else clock
     arch = detect_architecture(transformer)
     args, kwargs, calls_per_step = capture_transformer_call(pipe, call_kwargs)
     layout = block_layout(transformer, arch)
