@@ -156,7 +156,7 @@ for _default in ("1.0", "-1.0"):
     EQUIVALENT[
         (
             "ecad.cost",
-            351,
+            350,
             "inv_table, inv_overhead = _invariant_costs(transformer, arch, table.shape, "
             f"lambda p: med.get(p, {_default}))",
         )

@@ -5,6 +5,7 @@ diffusers' built-in caches (FirstBlockCache, PyramidAttentionBroadcast, FasterCa
     python -m diffalign.ecad.bench --out ... --stage search                  # only the schedule search
     python -m diffalign.ecad.bench --out ... --stage quality                 # held-out quality rows
     python -m diffalign.ecad.bench --out ... --timing-only [--scale-row]     # only the timing rows
+    python -m diffalign.ecad.bench --out ... --stage scale                   # only the PixArt-alpha-size row
 
 Quality rows (held-out prompts of core's split, ``diffalign.core.shapes.eval_prompts``, one seed per
 image): faithfulness (the shapes verifier), paired distance to the no-cache image (median, 90th
@@ -17,11 +18,12 @@ only: for each baseline, the front schedule with the best validation fidelity at
 
 Timing rows (``--timing-only``): one torch thread, every row run once per repeat in interleaved order,
 CPU time of the thread (``time.thread_time``) and wall time per generation of one batch, medians and
-inter-quartile ranges, ratios against the plain no-cache row of the same repeat. ``--scale-row`` adds a
+inter-quartile ranges, ratios against the plain no-cache row of the same repeat. ``--scale-row`` (or ``--stage scale`` alone) adds a
 compute-bound check: a PixArt-alpha-sized transformer built from a config (random weights) driven by
 the same scheduler loop, reporting the time speedup beside ``1 / FLOP ratio``.
 
 Rows are written to the JSON as they finish; a rerun skips rows already present with the same settings.
+The command line of every stage is recorded under ``commands``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -93,9 +97,18 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", default="shapes/dit")
     ap.add_argument("--reward", default="shapes-faithfulness")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--stage", choices=["all", "search", "quality", "timing", "table"], default="all")
+    ap.add_argument(
+        "--stage", choices=["all", "search", "quality", "timing", "scale", "table"], default="all"
+    )
     ap.add_argument("--timing-only", action="store_true", help="same as --stage timing")
     ap.add_argument("--scale-row", action="store_true", help="timing: add the PixArt-alpha-size row")
+    ap.add_argument(
+        "--scale-width",
+        type=int,
+        default=1152,
+        help="scale row: transformer width, heads of 72 channels (PixArt-alpha: 1152)",
+    )
+    ap.add_argument("--scale-steps", type=int, default=10, help="scale row: denoising steps (default 10)")
     ap.add_argument("--run-dir", default=None, help="search run dir (resumed if it exists)")
     ap.add_argument("--steps", type=int, default=None, help="default 20; quick 8")
     ap.add_argument("--guidance", type=float, default=4.5)
@@ -130,6 +143,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = json.loads(out.read_text()) if out.is_file() else {}
     if args.stage == "table":
         print(table(report))
+        return report
+    report.setdefault("commands", {})[args.stage] = "python -m diffalign.ecad.bench " + shlex.join(
+        sys.argv[1:] if argv is None else argv
+    )
+    _write(report, out, ("commands",))
+    if args.stage == "scale":
+        from .bench_rows import scale_row
+
+        report.setdefault("timing", {})["scale"] = scale_row(
+            repeats=args.repeats or 3, steps=args.scale_steps, width=args.scale_width
+        )
+        _write(report, out, ("timing",))
         return report
     pipe = load_pipeline(args.model)
     pipe.transformer.eval()

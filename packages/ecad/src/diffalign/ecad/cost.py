@@ -289,7 +289,6 @@ def measure_latency_model(
     ``search.cost_model: latency``.
     """
     import statistics
-    import time
 
     from .hooks import get_schedule_state, step_invariant_modules
 
