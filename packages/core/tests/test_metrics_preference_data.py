@@ -213,3 +213,23 @@ def test_record_validation():
         PreferenceRecord(prompt="p", images=["a", "b"], votes=[-1, 2])
     with pytest.raises(PreferenceDataError, match="integers"):
         PreferenceRecord(prompt="p", images=["a", "b"], ranks=[1.5, 2])
+
+
+def test_ranked_formats_write_ids_their_own_way(tmp_path):
+    # ImageReward: an id on every entry, first, "{index:06d}" when the record has none;
+    # HPDv2: an id only when the record has one, after the prompt
+    records = [
+        PreferenceRecord(
+            prompt="a red circle", images=[tmp_path / "a.png", tmp_path / "b.png"], ranks=[1, 2]
+        ),
+        PreferenceRecord(
+            prompt="a blue square", images=[tmp_path / "c.png", tmp_path / "d.png"], ranks=[2, 1], id="q7"
+        ),
+    ]
+    ir = json.loads(write_imagereward(tmp_path / "ir.json", records).read_text())
+    assert [list(e) for e in ir] == [["id", "prompt", "generations", "ranking"]] * 2
+    assert [e["id"] for e in ir] == ["000000", "q7"]
+    hp = json.loads(write_hpdv2(tmp_path / "hp.json", records).read_text())
+    assert [list(e) for e in hp] == [["prompt", "image_path", "rank"], ["prompt", "id", "image_path", "rank"]]
+    assert hp[1]["id"] == "q7"
+    assert [r.id for r in read_hpdv2(tmp_path / "hp.json")] == [None, "q7"]

@@ -273,88 +273,34 @@ def _validated(records: Sequence[PreferenceRecord], path: Path, kind: str) -> li
     return records
 
 
-# --------------------------------------------------------------------------- ImageReward
+# --------------------------------------------------------------------------- ImageReward and HPDv2
+# Both are JSON arrays of {prompt, a list of images, a list of ranks}; they differ in the two keys and in
+# how they write ids (ImageReward: always, first; HPDv2: only when the record has one, after the prompt).
 
 
-def read_imagereward(
-    path: str | os.PathLike, image_root: str | os.PathLike | None = None, check_images: bool = False
+def _read_ranked(
+    path: str | os.PathLike,
+    image_root: str | os.PathLike | None,
+    check_images: bool,
+    images_key: str,
+    ranks_key: str,
 ) -> list[PreferenceRecord]:
-    """Read an ImageReward-format test set (see module docstring). ``ranking``: 1 = best."""
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     records = []
     for n, entry in enumerate(_load_json_array(path)):
         where = f"{path}: entry {n}"
-        _require(entry, ("prompt", "generations", "ranking"), where)
-        images = [_resolve(root, p, where, "generations") for p in _list_of(entry, "generations", where)]
-        ranking = _list_of(entry, "ranking", where)
-        extra = {k: v for k, v in entry.items() if k not in ("id", "prompt", "generations", "ranking")}
-        record_id = entry.get("id")
-        record = _build(
-            where,
-            prompt=entry["prompt"],
-            images=images,
-            ranks=ranking,
-            id=None if record_id is None else str(record_id),
-            extra=extra,
-        )
-        records.append(record)
-    if check_images:
-        _check_exists(records, path)
-    return records
-
-
-def write_imagereward(
-    path: str | os.PathLike, records: Sequence[PreferenceRecord], image_root: str | os.PathLike | None = None
-) -> Path:
-    """Write records as an ImageReward-format test set. Records need ``ranks`` (1 = best).
-
-    Records without an ``id`` get ``"{index:06d}"``. Returns the written path.
-    """
-    path = Path(path)
-    root = Path(image_root) if image_root is not None else path.parent
-    records = _validated(records, path, "ImageReward")
-    entries = []
-    for n, record in enumerate(records):
-        if record.ranks is None:
-            raise PreferenceDataError(
-                f"{path}: entry {n}: the ImageReward format needs 'ranks', the record has votes"
-            )
-        entry = {
-            "id": record.id if record.id is not None else f"{n:06d}",
-            "prompt": record.prompt,
-            "generations": [_relative(root, p) for p in record.images],
-            "ranking": [int(r) for r in record.ranks],
-        }
-        entry.update({k: v for k, v in record.extra.items() if k not in entry})
-        entries.append(entry)
-    _atomic_write_text(path, json.dumps(entries, indent=4, ensure_ascii=False) + "\n")
-    return path
-
-
-# --------------------------------------------------------------------------- HPDv2
-
-
-def read_hpdv2(
-    path: str | os.PathLike, image_root: str | os.PathLike | None = None, check_images: bool = False
-) -> list[PreferenceRecord]:
-    """Read an HPDv2-format test set (see module docstring). ``rank``: lower = preferred."""
-    path = Path(path)
-    root = Path(image_root) if image_root is not None else path.parent
-    records = []
-    for n, entry in enumerate(_load_json_array(path)):
-        where = f"{path}: entry {n}"
-        _require(entry, ("prompt", "image_path", "rank"), where)
-        images = [_resolve(root, p, where, "image_path") for p in _list_of(entry, "image_path", where)]
-        rank = _list_of(entry, "rank", where)
-        extra = {k: v for k, v in entry.items() if k not in ("id", "prompt", "image_path", "rank")}
+        _require(entry, ("prompt", images_key, ranks_key), where)
+        images = [_resolve(root, p, where, images_key) for p in _list_of(entry, images_key, where)]
+        ranks = _list_of(entry, ranks_key, where)
+        extra = {k: v for k, v in entry.items() if k not in ("id", "prompt", images_key, ranks_key)}
         record_id = entry.get("id")
         records.append(
             _build(
                 where,
                 prompt=entry["prompt"],
                 images=images,
-                ranks=rank,
+                ranks=ranks,
                 id=None if record_id is None else str(record_id),
                 extra=extra,
             )
@@ -364,28 +310,67 @@ def read_hpdv2(
     return records
 
 
-def write_hpdv2(
-    path: str | os.PathLike, records: Sequence[PreferenceRecord], image_root: str | os.PathLike | None = None
+def _write_ranked(
+    path: str | os.PathLike,
+    records: Sequence[PreferenceRecord],
+    image_root: str | os.PathLike | None,
+    kind: str,
+    images_key: str,
+    ranks_key: str,
+    always_id: bool,
 ) -> Path:
-    """Write records as an HPDv2-format test set. Records need ``ranks`` (lower = preferred)."""
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
-    records = _validated(records, path, "HPDv2")
+    records = _validated(records, path, kind)
     entries = []
     for n, record in enumerate(records):
         if record.ranks is None:
             raise PreferenceDataError(
-                f"{path}: entry {n}: the HPDv2 format needs 'ranks', the record has votes"
+                f"{path}: entry {n}: the {kind} format needs 'ranks', the record has votes"
             )
-        entry: dict[str, Any] = {"prompt": record.prompt}
-        if record.id is not None:
+        entry: dict[str, Any] = {}
+        if always_id:
+            entry["id"] = record.id if record.id is not None else f"{n:06d}"
+        entry["prompt"] = record.prompt
+        if not always_id and record.id is not None:
             entry["id"] = record.id
-        entry["image_path"] = [_relative(root, p) for p in record.images]
-        entry["rank"] = [int(r) for r in record.ranks]
+        entry[images_key] = [_relative(root, p) for p in record.images]
+        entry[ranks_key] = [int(r) for r in record.ranks]
         entry.update({k: v for k, v in record.extra.items() if k not in entry})
         entries.append(entry)
     _atomic_write_text(path, json.dumps(entries, indent=4, ensure_ascii=False) + "\n")
     return path
+
+
+def read_imagereward(
+    path: str | os.PathLike, image_root: str | os.PathLike | None = None, check_images: bool = False
+) -> list[PreferenceRecord]:
+    """Read an ImageReward-format test set (see module docstring). ``ranking``: 1 = best."""
+    return _read_ranked(path, image_root, check_images, "generations", "ranking")
+
+
+def write_imagereward(
+    path: str | os.PathLike, records: Sequence[PreferenceRecord], image_root: str | os.PathLike | None = None
+) -> Path:
+    """Write records as an ImageReward-format test set. Records need ``ranks`` (1 = best).
+
+    Records without an ``id`` get ``"{index:06d}"``. Returns the written path.
+    """
+    return _write_ranked(path, records, image_root, "ImageReward", "generations", "ranking", always_id=True)
+
+
+def read_hpdv2(
+    path: str | os.PathLike, image_root: str | os.PathLike | None = None, check_images: bool = False
+) -> list[PreferenceRecord]:
+    """Read an HPDv2-format test set (see module docstring). ``rank``: lower = preferred."""
+    return _read_ranked(path, image_root, check_images, "image_path", "rank")
+
+
+def write_hpdv2(
+    path: str | os.PathLike, records: Sequence[PreferenceRecord], image_root: str | os.PathLike | None = None
+) -> Path:
+    """Write records as an HPDv2-format test set. Records need ``ranks`` (lower = preferred)."""
+    return _write_ranked(path, records, image_root, "HPDv2", "image_path", "rank", always_id=False)
 
 
 # --------------------------------------------------------------------------- Rapidata
