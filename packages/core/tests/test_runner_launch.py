@@ -20,6 +20,7 @@ from diffalign.core.launch import (
     resolve_trackers,
 )
 from diffalign.core.monitor import StepLogger
+from diffalign.core.testing.launch import fresh_env
 from diffalign.core.testing.toy_run import ToyData, batch_rows, toy_data, toy_model
 from diffalign.core.training import CheckpointError
 
@@ -57,16 +58,9 @@ def reference_params(
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env.update(
-        {
-            "OMP_NUM_THREADS": "1",
-            "HF_HUB_OFFLINE": "1",
-            "DS_ACCELERATOR": "cpu",
-            "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path]),
-        }
+    return fresh_env(
+        quiet=False, DS_ACCELERATOR="cpu", PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path])
     )
-    return env
 
 
 def _toy(tmp_path: Path, run_dir: Path, *sets: str, module: str = "diffalign.core.testing.toy_run"):

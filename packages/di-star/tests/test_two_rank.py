@@ -10,15 +10,11 @@ negative control.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import yaml
 from safetensors.torch import load_file
 
+from diffalign.core.testing.launch import check_written_once, run_cli
 from diffalign.di_star.config import DiStarConfig
 from diffalign.di_star.train import train
 
@@ -62,26 +58,9 @@ def test_two_gloo_ranks_equal_one_process_with_the_same_global_batch(tmp_path):
     testing.tiny_sd_pipeline(seed=0, prediction_type="v_prediction").save_pretrained(tmp_path / "teacher")
     recipe = tmp_path / "two.yaml"
     recipe.write_text(yaml.safe_dump(_recipe(tmp_path, "two", 1, launcher="torchrun", num_processes=2)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DIFFALIGN_NO_PROGRESS": "1"}
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        env.pop(var, None)
-    done = subprocess.run(
-        [sys.executable, "-m", "diffalign.di_star.cli", "train", str(recipe)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1100,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_cli("diffalign.di_star.cli", "train", str(recipe))
     two = _generator(tmp_path / "two")
-    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2]  # logged once
-    states = sorted((tmp_path / "two" / "checkpoints").iterdir())
-    assert [p.name for p in states] == ["state_00000001", "state_00000002"]
-    assert {p.name for p in states[-1].glob("random_states_*.pkl")} == {
-        "random_states_0.pkl",
-        "random_states_1.pkl",
-    }
+    check_written_once(tmp_path / "two", steps=2, ranks=2)  # logs and checkpoints written once
 
     start = load_file(tmp_path / "teacher" / "unet" / "diffusion_pytorch_model.safetensors")
     train(DiStarConfig.model_validate(_recipe(tmp_path, "one", 2)))  # the global batch in one process

@@ -8,19 +8,13 @@ model, the trainer state and the run marker are written once. A wrong process co
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-
-def _env():
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        env.pop(var, None)
-    return env
+from diffalign.core.testing.launch import fresh_env, run_cli
 
 
 @pytest.mark.slow
@@ -44,14 +38,7 @@ def test_sft_on_two_gloo_ranks_from_the_recipe(tiny_dirs, tmp_path):
             }
         )
     )
-    done = subprocess.run(
-        [sys.executable, "-m", "diffalign.listener_reward.cli", "sft", str(recipe)],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=1100,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_cli("diffalign.listener_reward.cli", "sft", str(recipe))
     assert (run / "final" / "model.safetensors").is_file()
     state = json.loads((run / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2
@@ -68,7 +55,7 @@ def test_sft_on_two_gloo_ranks_from_the_recipe(tiny_dirs, tmp_path):
             "-m", "diffalign.listener_reward.cli", "sft", str(recipe), "--run-dir", str(other),
             "--set", "launch.launcher=none", "--set", "launch.num_processes=1",
         ],
-        env=_env(),
+        env=fresh_env(),
         capture_output=True,
         text=True,
         timeout=600,

@@ -8,15 +8,11 @@ micro-batch a step (what two ranks drawing the same data would compute) is the n
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import yaml
 from safetensors.torch import load_file
 
+from diffalign.core.testing.launch import check_written_once, run_cli
 from diffalign.mlcm.config import MLCMRecipe
 from diffalign.mlcm.train import train
 
@@ -61,27 +57,9 @@ def test_two_gloo_ranks_equal_one_process_with_the_same_global_batch(tmp_path):
     tiny_sd_pipeline(prediction_type="v_prediction").save_pretrained(tmp_path / "teacher")
     recipe = tmp_path / "two.yaml"
     recipe.write_text(yaml.safe_dump(_recipe(tmp_path, "two", 2, launcher="torchrun", num_processes=2)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DIFFALIGN_NO_PROGRESS": "1"}
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        env.pop(var, None)
-    done = subprocess.run(
-        [sys.executable, "-m", "diffalign.mlcm.cli", "distill", str(recipe)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1100,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_cli("diffalign.mlcm.cli", "distill", str(recipe))
     two = _student(tmp_path / "two")
-    # outputs written once: one metrics row per iteration, one checkpoint per iteration holding both ranks' RNG
-    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2]
-    states = sorted((tmp_path / "two" / "checkpoints").iterdir())
-    assert [p.name for p in states] == ["state_00000001", "state_00000002"]
-    assert {p.name for p in states[-1].glob("random_states_*.pkl")} == {
-        "random_states_0.pkl",
-        "random_states_1.pkl",
-    }
+    check_written_once(tmp_path / "two", steps=2, ranks=2)  # logs and checkpoints written once
 
     # one process, 2 micro-batches accumulated per optimizer step, twice the iterations: the same global batch
     one = MLCMRecipe.model_validate(_recipe(tmp_path, "one", 4, gradient_accumulation_steps=2))

@@ -10,7 +10,6 @@ negative control.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -20,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffalign.core.launch import LaunchConfig
+from diffalign.core.testing.launch import fresh_env
 from diffalign.selma import images as I
 from diffalign.selma.config import TrainConfig
 from diffalign.selma.train import train_lora
@@ -88,15 +88,7 @@ def _run(tmp_path, folder, name: str, processes: int, accumulation: int):
     """``processes`` ranks under torchrun (each a fresh interpreter running HELPER)."""
     helper = tmp_path / "helper.py"
     helper.write_text(HELPER)
-    env = {
-        **os.environ,
-        "TRAIN": json.dumps(TRAIN),
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "DIFFALIGN_NO_PROGRESS": "1",
-    }
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        env.pop(var, None)
+    env = fresh_env(TRAIN=json.dumps(TRAIN))
     launcher = [sys.executable]
     if processes > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nnodes", "1"]
