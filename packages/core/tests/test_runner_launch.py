@@ -251,6 +251,20 @@ def test_state_checkpoints_round_trip_atomic_and_verified(tmp_path):
         _reset_accelerate()
 
 
+def test_older_single_file_checkpoints_are_refused_not_silently_ignored(tmp_path):
+    from diffalign.core.training import CheckpointManager
+
+    try:
+        acc, model, opt, ckpt = _toy_accelerator(tmp_path)
+        CheckpointManager(tmp_path).save(7, {"model": {}})  # a run dir written by an older trainer
+        with pytest.raises(CheckpointError, match=r"step_00000007.pt.*would\s+silently start over"):
+            ckpt.load_latest()
+        ckpt.save(8)  # once the run has checkpoints of its own, they are what it resumes from
+        assert ckpt.load_latest() == (8, {})
+    finally:
+        _reset_accelerate()
+
+
 def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     try:
         acc, model, opt, ckpt = _toy_accelerator(tmp_path)

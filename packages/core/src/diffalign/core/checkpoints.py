@@ -204,6 +204,13 @@ class StateCheckpoints:
         """``(step, extra)`` of the newest checkpoint after loading it, or ``None`` when there is none."""
         step = self.latest_step()
         if step is None:
+            legacy = sorted(self.dir.glob("step_*.pt")) if self.dir.is_dir() else []
+            if legacy:  # single-file checkpoints (CheckpointManager) written by an older trainer
+                raise CheckpointError(
+                    f"{self.dir} holds {len(legacy)} single-file checkpoint(s) (newest {legacy[-1].name}) of an "
+                    "older format that this trainer does not read, and none of its own: resuming would "
+                    "silently start over. Use a new run directory, or delete them to train from step 0."
+                )
             return None
         return step, self.load(step)
 
