@@ -152,6 +152,10 @@ EQUIVALENT[("listener_reward.rewards", 227, "rewards = probs.gather(1, labels[:,
 EQUIVALENT[("ecad.cost", 209, "return hits[ -1] if hits else 0")] = (
     "more than one hit raises on the line above, so hits holds exactly one value where it is indexed"
 )
+EQUIVALENT[("ecad.cost", 273, 'if device.type <= "cpu":')] = (
+    "\"cpu\" sorts first among the device types torch.device accepts (cuda, fpga, hip, hpu, ipu, lazy, maia, "
+    "meta, mps, mtia, xla, xpu, ...), so `<=` holds exactly where `==` does"
+)
 for _default in ("1.0", "-1.0"):
     EQUIVALENT[
         (
