@@ -214,6 +214,27 @@ class SingleImageScorer:
         return probs[:, 0]
 
 
+def _train_answers_and_save(cfg, model, processor, items, out_dir, steps, lr, batch_size, seed) -> Path:
+    """Fine-tune a judge on one-token answers (the listener's answer prefix, no EOS), save it to ``out_dir``."""
+    torch.manual_seed(seed)
+    train_completions(
+        model,
+        processor,
+        items,
+        _sibling(out_dir, "-ckpt"),
+        learning_rate=lr,
+        max_steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        suffix=cfg.prompts.listener_answer_prefix,
+        add_eos=False,
+        warmup_steps=min(20, steps // 5),
+        save_steps=max(steps // 2, 1),
+        logging_steps=max(steps // 10, 1),
+    )
+    return save_vlm(model, processor, out_dir)
+
+
 def train_listener(
     cfg: ListenerRewardRecipe,
     out_dir: str | Path,
@@ -235,23 +256,7 @@ def train_listener(
     )
     pairs = make_shapes_pairs(num_pairs, split, seed, cfg.data.image_size, cfg.data.annotator_noise)
     items = listener_items(pairs, cfg.prompts, seed)
-    torch.manual_seed(seed)
-    train_completions(
-        model,
-        processor,
-        items,
-        _sibling(out_dir, "-ckpt"),
-        learning_rate=lr,
-        max_steps=steps,
-        batch_size=batch_size,
-        seed=seed,
-        suffix=cfg.prompts.listener_answer_prefix,
-        add_eos=False,
-        warmup_steps=min(20, steps // 5),
-        save_steps=max(steps // 2, 1),
-        logging_steps=max(steps // 10, 1),
-    )
-    return save_vlm(model, processor, out_dir)
+    return _train_answers_and_save(cfg, model, processor, items, out_dir, steps, lr, batch_size, seed)
 
 
 def train_single_image_scorer(
@@ -272,23 +277,9 @@ def train_single_image_scorer(
         model, processor = load_tiny_vlm(init)
     else:
         model, processor = new_tiny_vlm(seed, cfg)
-    torch.manual_seed(seed)
-    train_completions(
-        model,
-        processor,
-        pointwise_items(pairs, cfg.prompts),
-        _sibling(out_dir, "-ckpt"),
-        learning_rate=lr,
-        max_steps=steps,
-        batch_size=batch_size,
-        seed=seed,
-        suffix=cfg.prompts.listener_answer_prefix,
-        add_eos=False,
-        warmup_steps=min(20, steps // 5),
-        save_steps=max(steps // 2, 1),
-        logging_steps=max(steps // 10, 1),
+    return _train_answers_and_save(
+        cfg, model, processor, pointwise_items(pairs, cfg.prompts), out_dir, steps, lr, batch_size, seed
     )
-    return save_vlm(model, processor, out_dir)
 
 
 @torch.no_grad()
