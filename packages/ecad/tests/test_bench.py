@@ -44,3 +44,26 @@ def test_scale_row_rejects_a_width_that_is_not_whole_heads():
 
     with pytest.raises(ValueError, match="multiple of the head size 72"):
         scale_row(repeats=1, steps=1, width=100)
+
+
+def test_comparison_reports_the_validation_pick_beside_the_best_held_out_point():
+    from diffalign.ecad.bench_rows import _compare
+
+    rows = {
+        "no_cache": {"faithfulness": 0.91, "flop_ratio": 1.0},
+        "pab": {"faithfulness": 0.92, "flop_ratio": 0.40},
+        "fora4": {"faithfulness": 0.60, "flop_ratio": 0.15},
+        # chosen on validation for pab, but the cheaper point scores higher held out
+        "ecad_a": {"faithfulness": 0.90, "flop_ratio": 0.35, "matched_to": ["pab", "budget_0.35"]},
+        "ecad_b": {"faithfulness": 0.93, "flop_ratio": 0.25, "matched_to": ["budget_0.25"]},
+        "ecad_c": {"faithfulness": 0.55, "flop_ratio": 0.14, "matched_to": ["fora4"]},
+    }
+    by = {c["baseline"]: c for c in _compare(rows)}
+    assert set(by) == {"pab", "fora4"}
+    pab = by["pab"]
+    assert (pab["ecad"], pab["ecad_at_least_as_faithful"]) == ("ecad_b", True)
+    assert (pab["validation_pick"], pab["validation_pick_faithfulness"]) == ("ecad_a", 0.90)
+    assert pab["validation_pick_at_least_as_faithful"] is False
+    fora4 = by["fora4"]
+    assert fora4["ecad"] == fora4["validation_pick"] == "ecad_c"
+    assert fora4["ecad_at_least_as_faithful"] is False and fora4["validation_pick_flop_ratio"] == 0.14

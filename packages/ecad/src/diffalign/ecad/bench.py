@@ -210,6 +210,20 @@ def table(report: dict[str, Any]) -> str:
             f"{f(r.get('fid_vs_no_cache'), 1)} | {f(r.get('flop_ratio'))} | "
             f"{f(t.get('cpu_ratio', {}).get('median'))} | {f(t.get('wall_ratio', {}).get('median'))} |"
         )
+    comparison = report.get("quality", {}).get("comparison", [])
+    if comparison:
+        lines += [
+            "",
+            "| baseline | FLOP ratio | faithfulness | ECAD validation pick | FLOP ratio | faithfulness | "
+            "best ECAD row at no more FLOPs | faithfulness |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for c in sorted(comparison, key=lambda c: -c["baseline_flop_ratio"]):
+            lines.append(
+                f"| {c['baseline']} | {f(c['baseline_flop_ratio'])} | {f(c['baseline_faithfulness'])} | "
+                f"{c.get('validation_pick') or 'none'} | {f(c.get('validation_pick_flop_ratio'))} | "
+                f"{f(c.get('validation_pick_faithfulness'))} | {c['ecad'] or 'none'} | {f(c['ecad_faithfulness'])} |"
+            )
     return "\n".join(lines)
 
 
