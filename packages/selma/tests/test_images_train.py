@@ -8,6 +8,8 @@ from diffalign.selma.config import TrainConfig
 from diffalign.selma.lora import load_adapter
 from diffalign.selma.train import batch_indices, train_lora
 
+from .helpers import tiny_image_folder
+
 RECORDS = [
     {"skill": "count", "text": "two blue squares"},
     {"skill": "count", "text": "one red circle"},
@@ -19,21 +21,7 @@ RECORDS = [
 
 @pytest.fixture(scope="module")
 def sd_images(tmp_path_factory):
-    from diffalign.core.testing import tiny_sd_pipeline
-
-    out = tmp_path_factory.mktemp("imgs") / "one"
-    pipe = tiny_sd_pipeline()
-    I.generate_images(
-        pipe,
-        RECORDS,
-        out,
-        seed=1,
-        batch_size=2,
-        call_kwargs={"num_inference_steps": 2},
-        process_index=0,
-        num_processes=1,
-    )
-    return out
+    return tiny_image_folder(tmp_path_factory.mktemp("imgs") / "one", RECORDS)
 
 
 def test_imagefolder_layout_and_two_process_sharding_matches_one(sd_images, tmp_path):

@@ -24,6 +24,8 @@ from diffalign.selma import images as I
 from diffalign.selma.config import TrainConfig
 from diffalign.selma.train import train_lora
 
+from .helpers import tiny_image_folder
+
 RECORDS = [
     {"text": t, "skill": "count"}
     for t in ("two red circles", "three blue squares", "one green triangle", "two yellow circles")
@@ -68,20 +70,7 @@ HELPER = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from diffalign.core.testing import tiny_sd_pipeline
-
-    out = tmp_path_factory.mktemp("two-rank") / "images"
-    I.generate_images(
-        tiny_sd_pipeline(),
-        RECORDS,
-        out,
-        seed=1,
-        batch_size=2,
-        call_kwargs={"num_inference_steps": 2},
-        process_index=0,
-        num_processes=1,
-    )
-    return out
+    return tiny_image_folder(tmp_path_factory.mktemp("two-rank") / "images", RECORDS)
 
 
 def _run(tmp_path, folder, name: str, processes: int, accumulation: int):
