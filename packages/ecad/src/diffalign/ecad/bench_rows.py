@@ -305,16 +305,15 @@ def quality_rows(pipe, cfg: EcadRecipe, args, report: dict[str, Any], out: Path)
         for k, v in rows.items()
         if "flop_ratio" in v and not k.startswith("ecad_") and v["flop_ratio"] < 0.999
     }
-    current = methods(pipe, cfg, ratios)
-    chosen = {m.name for m in current if m.name.startswith("ecad_")}
-    for stale in [k for k in rows if k.startswith("ecad_") and k not in chosen]:
-        rows.pop(stale)  # a point of an earlier front (the search went on since): not a pick any more
+    current = [m for m in methods(pipe, cfg, ratios) if m.name.startswith("ecad_")]
+    matched = {m.name: m.info["matched_to"] for m in current}
+    # drop a row that is no longer a pick (a point of an earlier front: the search went on since) or whose
+    # baselines changed; do() measures it again
+    for name in [k for k in rows if k.startswith("ecad_")]:
+        if rows[name].get("matched_to") != matched.get(name):
+            rows.pop(name)
     for m in current:
-        if m.name.startswith("ecad_"):
-            rows.pop(m.name, None) if m.name in rows and rows[m.name].get("matched_to") != m.info[
-                "matched_to"
-            ] else None
-            do(m)
+        do(m)
     q["comparison"] = _compare(rows)
     _write(report, out, "quality")
 
@@ -401,7 +400,7 @@ def timing_rows(pipe, cfg: EcadRecipe, args, report: dict[str, Any], out: Path) 
     }
     ms = [m for m in methods(pipe, cfg) if m.name in keep or m.name.startswith("ecad_gen")]
     quality = report.get("quality", {}).get("rows", {})
-    previous = dict(report.get("timing", {}))
+    earlier_scale = report.get("timing", {}).get("scale")  # measured by --stage scale: kept
 
     def once(m: Method) -> tuple[float, float]:
         with m.on(pipe, original) as run_context:
@@ -456,8 +455,8 @@ def timing_rows(pipe, cfg: EcadRecipe, args, report: dict[str, Any], out: Path) 
         },
         "rows": rows,
     }
-    if "scale" in previous:  # a scale row measured by an earlier run (--stage scale) stays
-        report["timing"]["scale"] = previous["scale"]
+    if earlier_scale is not None:
+        report["timing"]["scale"] = earlier_scale
     _write(report, out, "timing")
     if args.scale_row:
         report["timing"]["scale"] = scale_row(
